@@ -1,0 +1,200 @@
+"""The margin-softmax classifier head, sharded by class over the device mesh, with Partial FC.
+
+The class-centre matrix W [C, D] is the largest tensor of face recognition training (2 M identities
+x 512 dims is 4 GB in float32 before its optimiser state), and the logits [B, C] are larger still.
+So, as insightface's Partial FC does in PyTorch, every device holds the centres of C/N classes:
+
+  1. the embeddings of the global batch are all-gathered ([B, D] per device, small);
+  2. each device computes the cosines and margin logits of the whole batch against *its* classes;
+  3. the softmax is finished with a pmax of the row maxima and a psum of the row sums, and the
+     target logit (which lives on exactly one device) is recovered with a psum.
+
+The full W and the full [B, C] logits never exist on one device; the backward pass of the
+all-gather is a reduce-scatter, which hands every device the gradient of its own embeddings. The
+backbone is data-parallel over the same one-axis mesh (`MESH_AXIS`), so one mesh serves both.
+
+Class counts not divisible by N are padded up to `padded_num_classes`; padding classes get a logit
+of `_MASKED_LOGIT`, so they never win the arg-max, never take softmax mass, and receive no gradient.
+
+Partial FC (`sample_rate` < 1): per step and per shard, every class that is a target of the global
+batch is kept and the remaining places are filled with negatives drawn uniformly at random without
+replacement. The number of centres used per shard is static:
+
+  num_sampled = min(C/N, max(ceil(sample_rate * C/N), min(B, C/N)))
+
+(the floor min(B, C/N) guarantees that all positives fit). Unsampled centres get no gradient, and
+`keep_unsampled_rows` makes the optimiser update lazy for them: their value *and* their optimiser
+state (momentum, Adam moments) stay exactly as they were, so weight decay and momentum act on a
+centre only on the steps it takes part in. (insightface's partial_fc_v2 instead lets momentum and
+weight decay keep moving unsampled rows; the lazy rule keeps "unsampled" meaning "untouched".)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from adam_face import losses
+
+MESH_AXIS = "data"
+_MASKED_LOGIT = -1e30
+
+
+def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A one-axis mesh over all (or the given) devices of every process."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (MESH_AXIS,))
+
+
+def padded_num_classes(num_classes: int, num_shards: int) -> int:
+  return int(math.ceil(num_classes / num_shards) * num_shards)
+
+
+def num_sampled_per_shard(num_classes: int, num_shards: int, global_batch: int,
+                          sample_rate: float) -> int:
+  """Centres used per shard and step (all of them when sample_rate == 1)."""
+  if not 0.0 < sample_rate <= 1.0:
+    raise ValueError(f"head.sample_rate must be in (0, 1], got {sample_rate}.")
+  per_shard = padded_num_classes(num_classes, num_shards) // num_shards
+  if sample_rate == 1.0:
+    return per_shard
+  return min(per_shard, max(math.ceil(sample_rate * per_shard), min(global_batch, per_shard)))
+
+
+def centers_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(MESH_AXIS, None))
+
+
+def init_centers(key: jax.Array, num_classes: int, embedding_dim: int, mesh: Mesh) -> jax.Array:
+  """N(0, 0.01^2) class centres [C_pad, D], created directly in their class-sharded layout."""
+  shape = (padded_num_classes(num_classes, mesh.size), embedding_dim)
+  init = jax.jit(lambda k: 0.01 * jax.random.normal(k, shape, jnp.float32),
+                 out_shardings=centers_sharding(mesh))
+  return init(key)
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+
+def _global_argmax(values: jax.Array, class_ids: jax.Array, sentinel: int) -> jax.Array:
+  """Arg-max over classes spread across shards; ties go to the smallest class id (jnp.argmax)."""
+  values = jax.lax.stop_gradient(values)
+  local_best = jnp.max(values, axis=-1)
+  local_arg = class_ids[jnp.argmax(values, axis=-1)]
+  best = jax.lax.pmax(local_best, MESH_AXIS)
+  return jax.lax.pmin(jnp.where(local_best == best, local_arg, sentinel), MESH_AXIS)
+
+
+def _batch_accuracy(pred: jax.Array, labels_local: jax.Array, shard: jax.Array) -> jax.Array:
+  """Accuracy of global predictions, each device scoring its own rows (the psum is invariant)."""
+  local_pred = jax.lax.dynamic_slice_in_dim(pred, shard * labels_local.shape[0],
+                                            labels_local.shape[0])
+  correct = jax.lax.psum(jnp.sum(local_pred == labels_local), MESH_AXIS)
+  return correct / pred.shape[0]
+
+
+def _sample_local_classes(key, labels, class_ids, num_classes, num_sampled):
+  """Sorted local indices of the centres to use: all positives plus random negatives."""
+  per_shard = class_ids.shape[0]
+  local = labels - class_ids[0]
+  local = jnp.where((local >= 0) & (local < per_shard), local, per_shard)  # Off-shard: dropped.
+  positive = jnp.zeros(per_shard, bool).at[local].set(True, mode="drop")
+  score = jax.random.uniform(key, (per_shard,))
+  score = jnp.where(positive, 2.0, score)  # Positives outrank every uniform draw.
+  score = jnp.where(class_ids >= num_classes, -1.0, score)  # Padding comes last.
+  _, idx = jax.lax.top_k(score, num_sampled)
+  return jnp.sort(idx)
+
+
+def margin_head_loss(centers: jax.Array, embeddings: jax.Array, labels: jax.Array, *, mesh: Mesh,
+                     num_classes: int, kind: str, s: float, m: Any, sample_rate: float = 1.0,
+                     sample_key: jax.Array | None = None, compute_dtype: Any = jnp.float32):
+  """Margin-softmax cross-entropy of a class-sharded head.
+
+  Args:
+    centers: [C_pad, D] class centres, sharded P(MESH_AXIS, None).
+    embeddings: [B, D] backbone embeddings (not normalised), batch-sharded over MESH_AXIS.
+    labels: [B] int class ids in [0, num_classes).
+    m: the margin: a float or float32 array (auto-margin) for the additive kinds, an int for
+      sphereface, (m1, m2, m3) for combined.
+    sample_rate: Partial FC rate in (0, 1]; < 1 needs `sample_key`.
+    compute_dtype: dtype of the cosine matmul (accumulation is always float32).
+
+  Returns:
+    (loss, {'acc', 'acc_margin'}, sampled) where `sampled` is a bool [C_pad] (sharded like the
+    centres) marking the centres used this step.
+  """
+  losses.validate_margin(kind, s, m)
+  num_shards = mesh.size
+  c_pad = centers.shape[0]
+  if c_pad != padded_num_classes(num_classes, num_shards):
+    raise ValueError(f"centers has {c_pad} rows; expected {padded_num_classes(num_classes, num_shards)}"
+                     f" for {num_classes} classes on {num_shards} devices (use init_centers).")
+  if embeddings.shape[0] % num_shards:
+    raise ValueError(f"Global batch {embeddings.shape[0]} is not divisible by the {num_shards} "
+                     "devices of the mesh; choose a batch size that is a multiple of it.")
+  num_sampled = num_sampled_per_shard(num_classes, num_shards, embeddings.shape[0], sample_rate)
+  sampling = num_sampled < c_pad // num_shards
+  if sampling and sample_key is None:
+    raise ValueError("Partial FC (sample_rate < 1) needs a sample_key.")
+  if sample_key is None:
+    sample_key = jax.random.key(0)  # Unused; keeps one signature for the shard_map.
+  margin = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), 0.0 if m is None else m)
+
+  def local_loss(centers_local, emb_local, labels_local, margin, key):
+    per_shard = centers_local.shape[0]
+    shard = jax.lax.axis_index(MESH_AXIS)
+    emb = jax.lax.all_gather(emb_local, MESH_AXIS, tiled=True)
+    labels = jax.lax.all_gather(labels_local, MESH_AXIS, tiled=True)
+    class_ids = shard * per_shard + jnp.arange(per_shard)
+    if sampling:
+      idx = _sample_local_classes(jax.random.fold_in(key, shard), labels, class_ids, num_classes,
+                                  num_sampled)
+      centers_local, class_ids = centers_local[idx], class_ids[idx]
+      sampled = jnp.zeros(per_shard, bool).at[idx].set(True)
+    else:
+      sampled = jnp.ones(per_shard, bool)
+    cos = jnp.dot(_l2_normalize(emb).astype(compute_dtype),
+                  _l2_normalize(centers_local).astype(compute_dtype).T,
+                  preferred_element_type=jnp.float32)
+    target_mask = labels[:, None] == class_ids[None, :]
+    real = (class_ids < num_classes)[None, :]
+    logits = losses.apply_target_margin(cos, target_mask, kind=kind, s=s, m=margin)
+    logits = jnp.where(real, logits, _MASKED_LOGIT)
+    target = jax.lax.psum(jnp.sum(jnp.where(target_mask, logits, 0.0), axis=-1), MESH_AXIS)
+    row_max = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), MESH_AXIS)
+    sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits - row_max[:, None]), axis=-1), MESH_AXIS)
+    loss = jnp.mean(jnp.log(sum_exp) + row_max - target)
+    pred_margin = _global_argmax(logits, class_ids, c_pad)
+    pred = _global_argmax(jnp.where(real, cos, _MASKED_LOGIT), class_ids, c_pad)
+    metrics = {"acc": _batch_accuracy(pred, labels_local, shard),
+               "acc_margin": _batch_accuracy(pred_margin, labels_local, shard)}
+    return loss, metrics, sampled
+
+  sharded = jax.shard_map(
+      local_loss, mesh=mesh,
+      in_specs=(P(MESH_AXIS, None), P(MESH_AXIS, None), P(MESH_AXIS), P(), P()),
+      out_specs=(P(), P(), P(MESH_AXIS)))
+  return sharded(centers, embeddings, labels, margin, sample_key)
+
+
+def keep_unsampled_rows(new_tree: Any, old_tree: Any, sampled: jax.Array) -> Any:
+  """Restores every 'centers' leaf row (params or optimiser state) that was not sampled.
+
+  Applied to (params, opt_state) after the optimiser step, it makes Partial FC's update lazy:
+  unsampled centres keep their value, momentum and moments bit for bit.
+  """
+
+  def restore(path, new, old):
+    if any(getattr(k, "key", None) == "centers" for k in path) and new.shape[:1] == sampled.shape:
+      return jnp.where(sampled.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+    return new
+
+  return jax.tree_util.tree_map_with_path(restore, new_tree, old_tree)

@@ -1,0 +1,45 @@
+"""Entry point: `python -m adam_face.main --config=configs/vggface2_adm.py --workdir=/tmp/run`.
+
+Config fields can be overridden on the command line (`--config.loss.s=30`). Launched on several
+hosts (one process per host, e.g. on a TPU pod or a Slurm/GPU cluster), it joins JAX's own
+distributed runtime first; every process then feeds its share of the global batch.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events, results.json and roc.png.")
+flags.DEFINE_bool("multihost", None,
+                  "Call jax.distributed.initialize() (auto-detects TPU pods, Slurm, Open MPI). "
+                  "Default: only when JAX_COORDINATOR_ADDRESS or a cluster environment is set.")
+config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+_CLUSTER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
+                      "TPU_WORKER_HOSTNAMES")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import jax  # pylint: disable=g-import-not-at-top
+
+  multihost = FLAGS.multihost
+  if multihost is None:
+    multihost = any(os.environ.get(v) for v in _CLUSTER_VARIABLES)
+  if multihost:
+    jax.distributed.initialize()
+  from adam_face import train  # pylint: disable=g-import-not-at-top
+
+  logging.info("JAX process %d of %d, local devices: %s", jax.process_index(),
+               jax.process_count(), jax.local_devices())
+  logging.info("Config:\n%s", FLAGS.config)
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

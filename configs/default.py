@@ -1,0 +1,76 @@
+# Every adam_face config starts from this one; it documents each field.
+# Run:      python -m adam_face.main --config=configs/default.py --workdir=/tmp/default
+# Runtime:  this base trains iresnet50 / ArcFace on the embedded synthetic_faces data; it exists to be
+#           derived from (see the dataset-specific configs), not to reproduce a published row.
+"""Base configuration: the documented defaults of every field."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameters, data order, augmentation, dropout and Partial FC sampling.
+
+  # ---- training data (read through a TFDS builder in datasets/)
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = "synthetic_faces"  # TFDS builder[/config]: casia_webface, vggface2, ...
+  config.dataset.data_dir = ""  # TFDS data folder; "": $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  config.dataset.split = "train"
+  config.dataset.image_size = 112  # Images are resized (or 5-point aligned) to this square size.
+  config.dataset.shuffle_buffer = 10_000
+  config.dataset.augment = ml_collections.ConfigDict()
+  config.dataset.augment.flip = True  # Random horizontal flip, as every face recipe does.
+  config.dataset.builder_kwargs = ml_collections.ConfigDict()  # e.g. synthetic_faces sizes.
+
+  # ---- pair verification, run every `eval_every_steps` and at the end
+  config.verification = ml_collections.ConfigDict()
+  config.verification.sets = ("synthetic",)  # lfw, cfp_fp, cfp_ff, agedb_30, calfw, cplfw, ...
+  config.verification.data_dir = ""  # As dataset.data_dir.
+  config.verification.flip = "sum"  # Flip test: none | sum | concat.
+  config.verification.batch_size = 256
+  config.verification.eval_every_steps = 2_000
+
+  # ---- backbone (adam_face/models)
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "iresnet50"  # tiny, iresnet18/34/50/100/200, mobilefacenet.
+  config.model.embedding_dim = 512
+  config.model.dropout_rate = 0.0  # Dropout before the embedding layer (insightface: 0).
+
+  # ---- margin-softmax loss (adam_face/losses.py)
+  config.loss = ml_collections.ConfigDict()
+  config.loss.kind = "arcface"  # normface, cosface, arcface, sphereface, combined, adm.
+  config.loss.s = 64.0  # Logit scale.
+  config.loss.m = 0.5  # Margin; an int for sphereface; (m1, m2, m3) for combined.
+  config.loss.auto_margin = ml_collections.ConfigDict()
+  config.loss.auto_margin.enabled = False  # Adapt m to keep acc_margin near `target`.
+  config.loss.auto_margin.target = 0.9  # The acc_margin the margin is steered towards.
+  config.loss.auto_margin.rate = 1e-3  # dm per step per unit of (acc_margin_ema - target).
+  config.loss.auto_margin.momentum = 0.99  # EMA decay of acc_margin (about 100 steps).
+  config.loss.auto_margin.m_min = 0.0
+  config.loss.auto_margin.m_max = 0.8
+
+  # ---- classifier head (adam_face/classifier.py), sharded by class over all devices
+  config.head = ml_collections.ConfigDict()
+  config.head.sample_rate = 1.0  # Partial FC: fraction of centres used per step, in (0, 1].
+
+  # ---- optimisation
+  config.global_batch_size = 512  # Summed over all devices and hosts.
+  config.num_epochs = 20  # Used when num_train_steps is -1.
+  config.num_train_steps = -1  # > 0 overrides num_epochs.
+  config.compute_dtype = "float32"  # float32 | bfloat16 (params, BN statistics, loss stay float32).
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "sgd"  # sgd (with momentum) | adamw.
+  config.optimizer.learning_rate = 0.1  # Peak learning rate for global_batch_size.
+  config.optimizer.momentum = 0.9  # SGD momentum (adamw: b1).
+  config.optimizer.weight_decay = 5e-4  # Applied to every parameter, as insightface does.
+  config.optimizer.grad_clip_norm = 5.0  # Global-norm clipping; 0 disables it.
+  config.optimizer.schedule = "polynomial"  # polynomial | cosine | step | constant.
+  config.optimizer.warmup_steps = 0  # Linear warm-up from 0 to the peak.
+  config.optimizer.polynomial_power = 2.0  # insightface's PolyScheduler uses power 2.
+  config.optimizer.step_boundaries = ()  # Steps at which the `step` schedule divides lr by 10.
+
+  # ---- bookkeeping
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 1_000
+  config.keep_checkpoints = 3
+  return config
