@@ -47,14 +47,17 @@ def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises a one-line ValueError for unknown keys, invalid choices or impossible values."""
-  known = _flatten(default_config())
+  defaults = default_config()
+  known = _flatten(defaults)
   given = _flatten(config)
   for path in sorted(given):
     if path not in known:
       parent = path.rpartition(".")[0]
-      siblings = sorted(k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent)
+      siblings = defaults
+      for key in parent.split(".") if parent else ():
+        siblings = siblings[key]
       raise ValueError(f"Unknown config key {path!r}; valid keys under "
-                       f"{parent or 'the top level'!r} are: {', '.join(siblings)}.")
+                       f"{parent or 'the top level'!r} are: {', '.join(sorted(siblings))}.")
   for path, choices in _CHOICES.items():
     if given[path] not in choices:
       raise ValueError(f"config.{path}={given[path]!r} is not one of {', '.join(choices)}.")

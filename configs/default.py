@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = "synthetic_faces"  # TFDS builder[/config]: casia_webface, vggface2, ...
   config.dataset.data_dir = ""  # TFDS data folder; "": $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  config.dataset.manual_dir = ""  # Source files; "": <data_dir>/downloads/manual (README: Datasets).
   config.dataset.split = "train"
   config.dataset.image_size = 112  # Images are resized (or 5-point aligned) to this square size.
   config.dataset.shuffle_buffer = 10_000
@@ -26,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.verification = ml_collections.ConfigDict()
   config.verification.sets = ("synthetic",)  # lfw, cfp_fp, cfp_ff, agedb_30, calfw, cplfw, ...
   config.verification.data_dir = ""  # As dataset.data_dir.
+  config.verification.manual_dir = ""  # Where the .bin files lie; as dataset.manual_dir.
   config.verification.flip = "sum"  # Flip test: none | sum | concat.
   config.verification.batch_size = 256
   config.verification.eval_every_steps = 2_000

@@ -6,9 +6,15 @@ accelerators. TFDS is pointed at a per-session temporary folder so that no test 
 user's ~/tensorflow_datasets, and nothing may reach GCS.
 """
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
+# TFDS reads TFDS_DATA_DIR once, when it is first imported (by test modules, before any fixture).
+os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="adam_face_tfds_")
+atexit.register(shutil.rmtree, os.environ["TFDS_DATA_DIR"], ignore_errors=True)
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
@@ -18,13 +24,6 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _tfds_data_dir(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("tfds")
-    os.environ["TFDS_DATA_DIR"] = str(data_dir)
-    yield data_dir
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,32 @@
+# Run:      ./run.sh   (= python -m adam_face.main --config=configs/demo.py --workdir=runs/demo)
+# Runtime:  see README.md ("The demo"): a few minutes on a 2-core laptop CPU, data build included.
+# Result:   a verification table on held-out synthetic identities (never seen in training); the
+#           figures of a real run are in README.md.
+"""The embedded default: ADAM (ADM + auto-margin) on synthetic_faces with the tiny backbone."""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.dataset.name = "synthetic_faces"  # 300 identities x 20 images, built locally in ~1 min.
+  config.dataset.shuffle_buffer = 6_000  # The whole training split.
+  config.verification.sets = ("synthetic",)  # Pairs of 30 held-out identities, 10 folds.
+  config.verification.batch_size = 64
+  config.verification.eval_every_steps = 200
+  config.model.name = "tiny"
+  config.model.embedding_dim = 128
+  config.loss.kind = "adm"
+  config.loss.s = 32.0
+  config.loss.m = 0.3
+  config.loss.auto_margin.enabled = True
+  config.loss.auto_margin.target = 0.8
+  config.loss.auto_margin.rate = 2e-3
+  config.loss.auto_margin.momentum = 0.95
+  config.global_batch_size = 64
+  config.num_train_steps = 400
+  config.optimizer.learning_rate = 0.1
+  config.optimizer.warmup_steps = 40
+  config.log_every_steps = 20
+  config.checkpoint_every_steps = 100
+  return config

@@ -1,0 +1,152 @@
+"""End to end: the training program trains, checkpoints, survives a crash and a SIGTERM, resumes
+to bit-identical parameters, evaluates, and refuses bad configs before compiling anything."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from adam_face import config_lib, evaluate, input_pipeline, train
+from configs import demo
+from conftest import REPO_ROOT
+
+TINY_DATA = {"num_identities": 16, "images_per_identity": 4, "num_heldout_identities": 4,
+             "heldout_images_per_identity": 3, "image_size": 32}
+
+
+def tiny_demo_config(**overrides):
+  config = demo.get_config()
+  config.dataset.builder_kwargs = dict(TINY_DATA)
+  config.dataset.image_size = 32
+  config.dataset.shuffle_buffer = 64
+  config.global_batch_size = 16
+  config.num_train_steps = 8
+  config.checkpoint_every_steps = 3
+  config.log_every_steps = 4
+  config.verification.batch_size = 16
+  config.verification.eval_every_steps = 4
+  config.optimizer.warmup_steps = 2
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+def _params(workdir):
+  with ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints"))) as manager:
+    step = manager.latest_step()
+    return step, manager.restore(step, args=ocp.args.StandardRestore())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  results = train.train_and_evaluate(tiny_demo_config(), workdir)
+  return workdir, results
+
+
+def test_training_writes_results_table_and_roc(uninterrupted):
+  workdir, results = uninterrupted
+  assert results["step"] == 8
+  saved = json.load(open(os.path.join(workdir, "results.json")))
+  assert "synthetic" in saved["metrics"] and 0.0 <= saved["metrics"]["synthetic"]["accuracy"] <= 1
+  assert saved["table"].splitlines()[1].startswith("synthetic")
+  assert os.path.getsize(os.path.join(workdir, "roc.png")) > 1000
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  step, state = _params(workdir)
+  assert step == 8
+  assert "acc_margin_ema" in state["margin"], "the auto-margin state is checkpointed"
+
+
+def test_crash_then_resume_gives_identical_parameters(uninterrupted, tmp_path, monkeypatch):
+  """A run that dies mid-training (as under SIGKILL) resumes from its last checkpoint and ends with
+  exactly the parameters, optimiser state and auto-margin of an uninterrupted run."""
+  reference_dir, _ = uninterrupted
+  workdir = str(tmp_path)
+  real_iterator = input_pipeline.create_train_iterator
+
+  def dies_after_five_batches(*args, **kwargs):
+    iterator = real_iterator(*args, **kwargs)
+    for _ in range(5):
+      yield next(iterator)
+    raise RuntimeError("simulated crash")
+
+  monkeypatch.setattr(input_pipeline, "create_train_iterator", dies_after_five_batches)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    train.train_and_evaluate(tiny_demo_config(), workdir)
+  assert _params(workdir)[0] == 3, "the checkpoint of step 3 survives; steps 4-5 are lost"
+  monkeypatch.setattr(input_pipeline, "create_train_iterator", real_iterator)
+  train.train_and_evaluate(tiny_demo_config(), workdir)
+
+  (step_a, a), (step_b, b) = _params(reference_dir), _params(workdir)
+  assert step_a == step_b == 8
+  flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+  for (path, x), (_, y) in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def test_evaluate_command_scores_a_saved_checkpoint(uninterrupted):
+  workdir, results = uninterrupted
+  step, result = evaluate.evaluate_checkpoint(workdir)
+  assert step == 8
+  assert result.metrics["synthetic"]["accuracy"] == pytest.approx(
+      results["metrics"]["synthetic"]["accuracy"])
+  assert os.path.exists(os.path.join(workdir, "eval_8.json"))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  workdir = tmp_path / "preempted"
+  cmd = [sys.executable, "-m", "adam_face.main", "--config=configs/demo.py",
+         f"--workdir={workdir}", "--config.num_train_steps=100000",
+         "--config.checkpoint_every_steps=2", "--config.dataset.image_size=32",
+         "--config.global_batch_size=16", "--config.verification.batch_size=16",
+         "--config.dataset.shuffle_buffer=64",
+         f"--config.dataset.builder_kwargs={json.dumps(TINY_DATA)}"]
+  proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  deadline = time.time() + 300
+  checkpoints = workdir / "checkpoints"
+  while time.time() < deadline and proc.poll() is None:
+    if checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, proc.stdout.read()[-3000:]
+  proc.send_signal(signal.SIGTERM)
+  output, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, output[-3000:]
+  assert "SIGTERM received" in output and "Stopped at step" in output
+  steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  assert 0 < steps[-1] < 100000
+
+
+def test_unknown_config_key_is_one_clear_line():
+  config = tiny_demo_config()
+  config.unlock()
+  config.loss.margn = 0.3
+  with pytest.raises(ValueError, match=r"Unknown config key 'loss.margn'; valid keys under "
+                                       r"'loss' are: auto_margin, kind, m, s\."):
+    config_lib.validate_config(config)
+
+
+def test_batch_not_divisible_by_devices_fails_before_compiling(tmp_path):
+  config = tiny_demo_config(global_batch_size=12)
+  with pytest.raises(ValueError, match=r"global_batch_size=12 is not divisible by the 8 devices"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_missing_dataset_says_how_to_prepare_it(tmp_path):
+  config = tiny_demo_config(**{"dataset.name": "casia_webface"})
+  config.dataset.builder_kwargs = {}
+  with pytest.raises(FileNotFoundError, match="train.rec"):
+    train.train_and_evaluate(config, str(tmp_path))
