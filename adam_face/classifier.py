@@ -32,7 +32,7 @@ weight decay keep moving unsampled rows; the lazy rule keeps "unsampled" meaning
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,9 +70,11 @@ def centers_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(MESH_AXIS, None))
 
 
-def init_centers(key: jax.Array, num_classes: int, embedding_dim: int, mesh: Mesh) -> jax.Array:
-  """N(0, 0.01^2) class centres [C_pad, D], created directly in their class-sharded layout."""
-  shape = (padded_num_classes(num_classes, mesh.size), embedding_dim)
+def init_centers(key: jax.Array, num_classes: int, embedding_dim: int, mesh: Mesh,
+                 num_subcenters: int = 1) -> jax.Array:
+  """N(0, 0.01^2) class centres [C_pad * K, D] (K sub-centres a class, class-major), created
+  directly in their class-sharded layout."""
+  shape = (padded_num_classes(num_classes, mesh.size) * num_subcenters, embedding_dim)
   init = jax.jit(lambda k: 0.01 * jax.random.normal(k, shape, jnp.float32),
                  out_shardings=centers_sharding(mesh))
   return init(key)
@@ -115,7 +117,8 @@ def _sample_local_classes(key, labels, class_ids, num_classes, num_sampled):
 
 def margin_head_loss(centers: jax.Array, embeddings: jax.Array, labels: jax.Array, *, mesh: Mesh,
                      num_classes: int, kind: str, s: float, m: Any, sample_rate: float = 1.0,
-                     sample_key: jax.Array | None = None, compute_dtype: Any = jnp.float32):
+                     sample_key: jax.Array | None = None, compute_dtype: Any = jnp.float32,
+                     margin_fn: Callable | None = None, num_subcenters: int = 1):
   """Margin-softmax cross-entropy of a class-sharded head.
 
   Args:
@@ -126,30 +129,40 @@ def margin_head_loss(centers: jax.Array, embeddings: jax.Array, labels: jax.Arra
       sphereface, (m1, m2, m3) for combined.
     sample_rate: Partial FC rate in (0, 1]; < 1 needs `sample_key`.
     compute_dtype: dtype of the cosine matmul (accumulation is always float32).
+    margin_fn: replaces kind/s/m for the modern losses (see adam_face/margins.py): maps the global
+      target cosines [B] and embedding norms [B] to (target logits [B], a function of the local
+      cosines giving the non-target logits, an extra loss term).
+    num_subcenters: K sub-centres per class (sub-center ArcFace): centres are [C_pad * K, D],
+      class-major, and each class's cosine is the max over its K sub-centres.
 
   Returns:
     (loss, {'acc', 'acc_margin'}, sampled) where `sampled` is a bool [C_pad] (sharded like the
     centres) marking the centres used this step.
   """
-  losses.validate_margin(kind, s, m)
+  if margin_fn is None:
+    losses.validate_margin(kind, s, m)
   num_shards = mesh.size
-  c_pad = centers.shape[0]
-  if c_pad != padded_num_classes(num_classes, num_shards):
-    raise ValueError(f"centers has {c_pad} rows; expected {padded_num_classes(num_classes, num_shards)}"
-                     f" for {num_classes} classes on {num_shards} devices (use init_centers).")
+  c_pad = padded_num_classes(num_classes, num_shards)
+  if centers.shape[0] != c_pad * num_subcenters:
+    raise ValueError(f"centers has {centers.shape[0]} rows; expected {c_pad * num_subcenters} for "
+                     f"{num_classes} classes x {num_subcenters} sub-centres on {num_shards} "
+                     "devices (use init_centers).")
   if embeddings.shape[0] % num_shards:
     raise ValueError(f"Global batch {embeddings.shape[0]} is not divisible by the {num_shards} "
                      "devices of the mesh; choose a batch size that is a multiple of it.")
   num_sampled = num_sampled_per_shard(num_classes, num_shards, embeddings.shape[0], sample_rate)
   sampling = num_sampled < c_pad // num_shards
+  if sampling and num_subcenters > 1:
+    raise ValueError("Partial FC sampling (head.sample_rate < 1) does not support sub-centres; "
+                     "use head.sample_rate = 1 with subcenter_arcface.")
   if sampling and sample_key is None:
     raise ValueError("Partial FC (sample_rate < 1) needs a sample_key.")
   if sample_key is None:
     sample_key = jax.random.key(0)  # Unused; keeps one signature for the shard_map.
   margin = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), 0.0 if m is None else m)
 
-  def local_loss(centers_local, emb_local, labels_local, margin, key):
-    per_shard = centers_local.shape[0]
+  def local_loss(centers_local, emb_local, labels_local, margin, key, feature_norm):
+    per_shard = centers_local.shape[0] // num_subcenters
     shard = jax.lax.axis_index(MESH_AXIS)
     emb = jax.lax.all_gather(emb_local, MESH_AXIS, tiled=True)
     labels = jax.lax.all_gather(labels_local, MESH_AXIS, tiled=True)
@@ -164,14 +177,23 @@ def margin_head_loss(centers: jax.Array, embeddings: jax.Array, labels: jax.Arra
     cos = jnp.dot(_l2_normalize(emb).astype(compute_dtype),
                   _l2_normalize(centers_local).astype(compute_dtype).T,
                   preferred_element_type=jnp.float32)
+    if num_subcenters > 1:
+      cos = jnp.max(cos.reshape(cos.shape[0], per_shard, num_subcenters), axis=-1)
     target_mask = labels[:, None] == class_ids[None, :]
     real = (class_ids < num_classes)[None, :]
-    logits = losses.apply_target_margin(cos, target_mask, kind=kind, s=s, m=margin)
-    logits = jnp.where(real, logits, _MASKED_LOGIT)
-    target = jax.lax.psum(jnp.sum(jnp.where(target_mask, logits, 0.0), axis=-1), MESH_AXIS)
+    # Each row's target lives on exactly one shard; the psum hands its cosine to every shard.
+    cos_target = jax.lax.psum(jnp.sum(jnp.where(target_mask, cos, 0.0), axis=-1), MESH_AXIS)
+    if margin_fn is None:
+      target = losses.target_logits(cos_target, kind=kind, s=s, m=margin)
+      others = losses.nontarget_logits(cos, kind=kind, s=s)
+      extra_loss = 0.0
+    else:
+      target, nontarget, extra_loss = margin_fn(cos_target, feature_norm)
+      others = nontarget(cos)
+    logits = jnp.where(real, jnp.where(target_mask, target[:, None], others), _MASKED_LOGIT)
     row_max = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), MESH_AXIS)
     sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits - row_max[:, None]), axis=-1), MESH_AXIS)
-    loss = jnp.mean(jnp.log(sum_exp) + row_max - target)
+    loss = jnp.mean(jnp.log(sum_exp) + row_max - target) + extra_loss
     pred_margin = _global_argmax(logits, class_ids, c_pad)
     pred = _global_argmax(jnp.where(real, cos, _MASKED_LOGIT), class_ids, c_pad)
     metrics = {"acc": _batch_accuracy(pred, labels_local, shard),
@@ -180,9 +202,12 @@ def margin_head_loss(centers: jax.Array, embeddings: jax.Array, labels: jax.Arra
 
   sharded = jax.shard_map(
       local_loss, mesh=mesh,
-      in_specs=(P(MESH_AXIS, None), P(MESH_AXIS, None), P(MESH_AXIS), P(), P()),
+      in_specs=(P(MESH_AXIS, None), P(MESH_AXIS, None), P(MESH_AXIS), P(), P(), P()),
       out_specs=(P(), P(), P(MESH_AXIS)))
-  return sharded(centers, embeddings, labels, margin, sample_key)
+  # Norms of the global batch, replicated (AdaFace and MagFace read them; MagFace's gradient
+  # flows back through them to the embeddings).
+  feature_norm = jnp.linalg.norm(embeddings.astype(jnp.float32), axis=-1)
+  return sharded(centers, embeddings, labels, margin, sample_key, feature_norm)
 
 
 def keep_unsampled_rows(new_tree: Any, old_tree: Any, sampled: jax.Array) -> Any:

@@ -13,12 +13,12 @@ from typing import Any
 
 import ml_collections
 
-from adam_face import losses, models
+from adam_face import losses, margins, models
 
 DEFAULT_CONFIG_PATH = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
 _FREE_FORM = ("dataset.builder_kwargs",)
 _CHOICES = {
-    "loss.kind": losses.KINDS,
+    "loss.kind": losses.KINDS + margins.KINDS,
     "optimizer.name": ("sgd", "adamw"),
     "optimizer.schedule": ("polynomial", "cosine", "step", "constant"),
     "compute_dtype": ("float32", "bfloat16"),
@@ -61,7 +61,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for path, choices in _CHOICES.items():
     if given[path] not in choices:
       raise ValueError(f"config.{path}={given[path]!r} is not one of {', '.join(choices)}.")
-  losses.validate_margin(config.loss.kind, config.loss.s, config.loss.m)
+  if config.loss.kind in margins.KINDS:
+    margins.check_config(config.loss)
+  else:
+    losses.validate_margin(config.loss.kind, config.loss.s, config.loss.m)
   am = config.loss.auto_margin
   if am.enabled:
     losses.validate_auto_margin(config.loss.kind, target=am.target, rate=am.rate,

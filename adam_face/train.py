@@ -149,11 +149,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       progress(step)
       window_metrics.append(metrics)
       if step % config.log_every_steps == 0 or step == total_steps:
-        summary = {k: float(np.mean([jax.device_get(m[k]) for m in window_metrics]))
-                   for k in window_metrics[0]}
+        window = jax.device_get(window_metrics)
+        summary = {k: float(np.mean([m[k] for m in window]))
+                   for k in window[0] if np.ndim(window[0][k]) == 0}
         elapsed = time.perf_counter() - window_start
-        summary["images_per_second"] = len(window_metrics) * config.global_batch_size / elapsed
+        summary["images_per_second"] = len(window) * config.global_batch_size / elapsed
         writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+        writer.write_histograms(step, {
+            f"train/{k}": np.concatenate([m[k] for m in window])
+            for k in window[0] if np.ndim(window[0][k]) == 1})
         window_metrics, window_start = [], time.perf_counter()
       if step % config.checkpoint_every_steps == 0:
         checkpoints.save(step, args=ocp.args.StandardSave(state))

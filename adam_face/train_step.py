@@ -15,7 +15,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from adam_face import classifier, losses
+from adam_face import classifier, losses, margins
 
 MESH_AXIS = classifier.MESH_AXIS
 
@@ -27,6 +27,7 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   margin: Any  # Auto-margin state {'m', 'acc_margin_ema'}; m stays fixed when disabled.
+  loss_state: Any  # Running statistics of CurricularFace / AdaFace (adam_face/margins.py).
   rng: jax.Array
 
 
@@ -94,20 +95,22 @@ def create_train_state(config: ml_collections.ConfigDict, model: flax.linen.Modu
                        num_classes: int, tx: optax.GradientTransformation):
   """Initialises the train state directly in its sharded layout; returns (state, shardings)."""
   size = config.dataset.image_size
-  c_pad = classifier.padded_num_classes(num_classes, mesh.size)
+  num_centers = (classifier.padded_num_classes(num_classes, mesh.size)
+                 * margins.subcenters_per_class(config.loss))
 
   def init(rng):
     params_rng, dropout_rng, head_rng, state_rng = jax.random.split(rng, 4)
     variables = model.init({"params": params_rng, "dropout": dropout_rng},
                            jnp.zeros((1, size, size, 3), jnp.float32), train=False)
-    centers = 0.01 * jax.random.normal(head_rng, (c_pad, config.model.embedding_dim))
+    centers = 0.01 * jax.random.normal(head_rng, (num_centers, config.model.embedding_dim))
     params = {"backbone": variables["params"], "head": {"centers": centers}}
     m = 0.0 if config.loss.kind == "normface" else config.loss.m
     margin = (losses.init_auto_margin(m, config.loss.auto_margin.target)
               if config.loss.kind in losses.AUTO_MARGIN_KINDS else {})
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                      margin=margin, rng=state_rng)
+                      margin=margin, loss_state=margins.init_loss_state(config.loss),
+                      rng=state_rng)
 
   rng = jax.random.PRNGKey(config.seed)
   shardings = _state_shardings(jax.eval_shape(init, rng), mesh)
@@ -117,6 +120,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: flax.linen.Modu
 def _margin_for_step(state: TrainState, config: ml_collections.ConfigDict):
   if config.loss.kind in losses.AUTO_MARGIN_KINDS:
     return state.margin["m"]
+  if config.loss.kind in margins.KINDS:
+    return 0.0  # Their margins come from margins.margin_fn; logged as 0.
   return config.loss.m
 
 
@@ -128,18 +133,30 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: flax.li
   compute_dtype = jnp.dtype(config.compute_dtype)
   margin = _margin_for_step(state, config)
 
+  num_subcenters = margins.subcenters_per_class(config.loss)
+
   def loss_fn(params):
     embeddings, new_model_state = model.apply(
         {"params": params["backbone"], "batch_stats": state.batch_stats}, batch["image"],
         train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+    centers = params["head"]["centers"]
+    cos_target = margins.target_cosines(embeddings, centers, batch["label"], num_subcenters)
+    loss_state, margin_fn = state.loss_state, None
+    if config.loss.kind in margins.KINDS:
+      loss_state = margins.update_loss_state(
+          config.loss, state.loss_state, cos_target=cos_target,
+          feature_norm=jnp.linalg.norm(embeddings.astype(jnp.float32), axis=-1))
+      margin_fn = margins.margin_fn(config.loss, loss_state, sample_rng)
     loss, metrics, sampled = classifier.margin_head_loss(
-        params["head"]["centers"], embeddings, batch["label"], mesh=mesh,
-        num_classes=num_classes, kind=config.loss.kind, s=config.loss.s, m=margin,
-        sample_rate=config.head.sample_rate, sample_key=sample_rng, compute_dtype=compute_dtype)
-    return loss, (metrics, sampled, new_model_state["batch_stats"])
+        centers, embeddings, batch["label"], mesh=mesh, num_classes=num_classes,
+        kind=config.loss.kind, s=config.loss.s, m=margin, sample_rate=config.head.sample_rate,
+        sample_key=sample_rng, compute_dtype=compute_dtype, margin_fn=margin_fn,
+        num_subcenters=num_subcenters)
+    angles = jnp.degrees(jnp.arccos(jnp.clip(cos_target, -1.0, 1.0)))
+    return loss, (metrics, sampled, new_model_state["batch_stats"], loss_state, angles)
 
-  (loss, (metrics, sampled, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+  (loss, (metrics, sampled, batch_stats, loss_state, target_angles)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   if config.head.sample_rate < 1.0:
@@ -154,9 +171,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: flax.li
                                            m_max=am.m_max)
   metrics = dict(metrics, loss=loss, margin=jnp.asarray(margin, jnp.float32),
                  learning_rate=learning_rate_fn(state.step),
-                 grad_norm=optax.tree.norm(grads["backbone"]))
+                 grad_norm=optax.tree.norm(grads["backbone"]),
+                 # Per-sample difficulty: where on [0, 180] degrees the targets sit (histogram).
+                 target_angle_deg=target_angles)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, margin=new_margin, rng=rng)
+                            opt_state=opt_state, margin=new_margin, loss_state=loss_state,
+                            rng=rng)
   return new_state, metrics
 
 

@@ -1,7 +1,7 @@
-# Every adam_face config starts from this one; it documents each field.
 # Run:      python -m adam_face.main --config=configs/default.py --workdir=/tmp/default
-# Runtime:  this base trains iresnet50 / ArcFace on the embedded synthetic_faces data; it exists to be
-#           derived from (see the dataset-specific configs), not to reproduce a published row.
+# Runtime:  not a recipe to run as it is: every adam_face config starts from this one, which
+#           documents each field (iresnet50 / ArcFace on the embedded synthetic_faces data); it
+#           reproduces no published row.
 """Base configuration: the documented defaults of every field."""
 
 import ml_collections
@@ -21,6 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.shuffle_buffer = 10_000
   config.dataset.augment = ml_collections.ConfigDict()
   config.dataset.augment.flip = True  # Random horizontal flip, as every face recipe does.
+  config.dataset.augment.brightness = 0.0  # Max random brightness shift, in [0, 1] of the range.
+  config.dataset.augment.contrast = 0.0  # Random contrast factor in [1 - c, 1 + c].
+  config.dataset.augment.saturation = 0.0  # Random saturation factor in [1 - s, 1 + s].
   config.dataset.builder_kwargs = ml_collections.ConfigDict()  # e.g. synthetic_faces sizes.
 
   # ---- pair verification, run every `eval_every_steps` and at the end
@@ -40,7 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- margin-softmax loss (adam_face/losses.py)
   config.loss = ml_collections.ConfigDict()
-  config.loss.kind = "arcface"  # normface, cosface, arcface, sphereface, combined, adm.
+  config.loss.kind = "arcface"  # normface, cosface, arcface, sphereface, combined, adm, and the
+  #                               modern subcenter_arcface, curricularface, adaface, magface,
+  #                               elasticface_arc, elasticface_cos.
   config.loss.s = 64.0  # Logit scale.
   config.loss.m = 0.5  # Margin; an int for sphereface; (m1, m2, m3) for combined.
   config.loss.auto_margin = ml_collections.ConfigDict()
@@ -50,6 +55,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.auto_margin.momentum = 0.99  # EMA decay of acc_margin (about 100 steps).
   config.loss.auto_margin.m_min = 0.0
   config.loss.auto_margin.m_max = 0.8
+  # Parameters of the modern kinds (adam_face/modern_losses.py; the papers' defaults):
+  config.loss.num_subcenters = 3  # subcenter_arcface: K sub-centres per class.
+  config.loss.t_alpha = 0.01  # curricularface / adaface: weight of the batch in running stats.
+  config.loss.h = 0.333  # adaface: concentration of the norm-based margin scaler.
+  config.loss.l_a = 10.0  # magface: feature-norm range [l_a, u_a] ...
+  config.loss.u_a = 110.0
+  config.loss.l_m = 0.45  # ... mapped linearly to the margin range [l_m, u_m].
+  config.loss.u_m = 0.8
+  config.loss.lambda_g = 35.0  # magface: weight of the magnitude regulariser.
+  config.loss.sigma = 0.05  # elasticface_arc / elasticface_cos: std of the per-sample margin.
 
   # ---- classifier head (adam_face/classifier.py), sharded by class over all devices
   config.head = ml_collections.ConfigDict()
