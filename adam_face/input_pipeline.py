@@ -51,267 +51,325 @@ VERIFICATION_SETS = face_verification.SETS + ("synthetic", "orl")
 
 
 def default_dataset_config(**overrides) -> ml_collections.ConfigDict:
-    """The built-in default: synthetic_faces at 112x112 with random flips."""
-    config = ml_collections.ConfigDict({
-        "name": "synthetic_faces",
-        "data_dir": None,
-        "split": "train",
-        "image_size": 112,
-        "augment": {"flip": True, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0},
-        "shuffle_buffer": 10_000,
-        "builder_kwargs": {},
-        "manual_dir": None,
-    })
-    config.update(overrides)
-    return config
+  """The built-in default: synthetic_faces at 112x112 with random flips."""
+  config = ml_collections.ConfigDict(
+    {
+      "name": "synthetic_faces",
+      "data_dir": None,
+      "split": "train",
+      "image_size": 112,
+      "augment": {"flip": True, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0},
+      "shuffle_buffer": 10_000,
+      "builder_kwargs": {},
+      "manual_dir": None,
+    }
+  )
+  config.update(overrides)
+  return config
 
 
-def prepared_builder(name: str, *, data_dir: str | None = None, builder_kwargs=None,
-                     manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
-    """The builder for `name`, prepared (built from its source data) if it is not yet.
+def prepared_builder(
+  name: str, *, data_dir: str | None = None, builder_kwargs=None, manual_dir: str | None = None
+) -> tfds.core.DatasetBuilder:
+  """The builder for `name`, prepared (built from its source data) if it is not yet.
 
-    data_dir and manual_dir None or "" mean TFDS's defaults (configs write ""). A builder whose
-    manual data is missing raises FileNotFoundError saying which files to put where.
-    """
-    # TFDS would take "" as the current directory.
-    builder = tfds.builder(name, data_dir=data_dir or None, try_gcs=False,
-                           **dict(builder_kwargs or {}))
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir, try_download_gcs=False))
-    return builder
+  data_dir and manual_dir None or "" mean TFDS's defaults (configs write ""). A builder whose
+  manual data is missing raises FileNotFoundError saying which files to put where.
+  """
+  # TFDS would take "" as the current directory.
+  builder = tfds.builder(
+    name, data_dir=data_dir or None, try_gcs=False, **dict(builder_kwargs or {})
+  )
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+  )
+  return builder
 
 
 def _builder(dataset_config) -> tfds.core.DatasetBuilder:
-    return prepared_builder(dataset_config.name, data_dir=dataset_config.data_dir,
-                            builder_kwargs=dataset_config.builder_kwargs,
-                            manual_dir=dataset_config.get("manual_dir"))
+  return prepared_builder(
+    dataset_config.name,
+    data_dir=dataset_config.data_dir,
+    builder_kwargs=dataset_config.builder_kwargs,
+    manual_dir=dataset_config.get("manual_dir"),
+  )
 
 
 def _num_skipped_images(builder, split: str) -> int:
-    """Images of the split left out at build time because they did not decode."""
-    metadata = builder.info.metadata or {}
-    whole_split = split.split("[")[0]  # They are counted per whole split.
-    return int(metadata.get("num_skipped_images", {}).get(whole_split, 0))
+  """Images of the split left out at build time because they did not decode."""
+  metadata = builder.info.metadata or {}
+  whole_split = split.split("[")[0]  # They are counted per whole split.
+  return int(metadata.get("num_skipped_images", {}).get(whole_split, 0))
 
 
 def dataset_info(dataset_config) -> dict:
-    """{'num_classes', 'num_examples' (whole split), 'num_skipped_images', 'full_name'}."""
-    builder = _builder(dataset_config)
-    return {
-        "num_classes": int(builder.info.features["label"].num_classes),
-        "num_examples": int(builder.info.splits[dataset_config.split].num_examples),
-        "num_skipped_images": _num_skipped_images(builder, dataset_config.split),
-        "full_name": builder.info.full_name,
-    }
+  """{'num_classes', 'num_examples' (whole split), 'num_skipped_images', 'full_name'}."""
+  builder = _builder(dataset_config)
+  return {
+    "num_classes": int(builder.info.features["label"].num_classes),
+    "num_examples": int(builder.info.splits[dataset_config.split].num_examples),
+    "num_skipped_images": _num_skipped_images(builder, dataset_config.split),
+    "full_name": builder.info.full_name,
+  }
 
 
 def decode_image(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
-    """float32 [image_size, image_size, 3] in [0, 255] from JPEG or PNG bytes.
+  """float32 [image_size, image_size, 3] in [0, 255] from JPEG or PNG bytes.
 
-    Greyscale becomes 3 equal channels; other sizes are resized (bilinear, antialiased; the aspect
-    ratio is not kept, e.g. ORL's 92x112 is stretched to square).
-    """
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-    image = tf.cond(
-        tf.reduce_all(tf.shape(image)[:2] == image_size),
-        lambda: tf.cast(image, tf.float32),
-        lambda: tf.image.resize(image, [image_size, image_size], antialias=True))
-    return tf.ensure_shape(image, [image_size, image_size, 3])
+  Greyscale becomes 3 equal channels; other sizes are resized (bilinear, antialiased; the aspect
+  ratio is not kept, e.g. ORL's 92x112 is stretched to square).
+  """
+  image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+  image = tf.cond(
+    tf.reduce_all(tf.shape(image)[:2] == image_size),
+    lambda: tf.cast(image, tf.float32),
+    lambda: tf.image.resize(image, [image_size, image_size], antialias=True),
+  )
+  return tf.ensure_shape(image, [image_size, image_size, 3])
 
 
 def augment_image(image: tf.Tensor, key: tf.Tensor, augment) -> tf.Tensor:
-    """Applies the configured random augmentations to float [H, W, 3] in [0, 255].
+  """Applies the configured random augmentations to float [H, W, 3] in [0, 255].
 
-    Args:
-      image: the image.
-      key: int64 [2] stateless seed; the same key always gives the same result.
-      augment: the dataset config's `augment` ConfigDict (see the module docstring).
-    """
-    unknown = sorted(set(augment.keys()) - set(AUGMENTATIONS))
-    if unknown:
-        raise ValueError(f"unknown augmentations {unknown}; known: {AUGMENTATIONS}")
-    keys = tf.random.experimental.stateless_split(key, num=len(AUGMENTATIONS))
-    if augment.get("flip", False):
-        flip = tf.random.stateless_uniform([], seed=keys[0]) < 0.5
-        image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
-    brightness = augment.get("brightness", 0.0)
-    contrast = augment.get("contrast", 0.0)
-    saturation = augment.get("saturation", 0.0)
-    if brightness or contrast or saturation:
-        image = image / 255.0
-        if brightness:
-            image = tf.image.stateless_random_brightness(image, brightness, seed=keys[1])
-        if contrast:
-            image = tf.image.stateless_random_contrast(image, 1 - contrast, 1 + contrast,
-                                                       seed=keys[2])
-        if saturation:
-            image = tf.image.stateless_random_saturation(image, 1 - saturation, 1 + saturation,
-                                                         seed=keys[3])
-        image = tf.clip_by_value(image, 0.0, 1.0) * 255.0
-    return image
+  Args:
+    image: the image.
+    key: int64 [2] stateless seed; the same key always gives the same result.
+    augment: the dataset config's `augment` ConfigDict (see the module docstring).
+  """
+  unknown = sorted(set(augment.keys()) - set(AUGMENTATIONS))
+  if unknown:
+    raise ValueError(f"unknown augmentations {unknown}; known: {AUGMENTATIONS}")
+  keys = tf.random.experimental.stateless_split(key, num=len(AUGMENTATIONS))
+  if augment.get("flip", False):
+    flip = tf.random.stateless_uniform([], seed=keys[0]) < 0.5
+    image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+  brightness = augment.get("brightness", 0.0)
+  contrast = augment.get("contrast", 0.0)
+  saturation = augment.get("saturation", 0.0)
+  if brightness or contrast or saturation:
+    image = image / 255.0
+    if brightness:
+      image = tf.image.stateless_random_brightness(image, brightness, seed=keys[1])
+    if contrast:
+      image = tf.image.stateless_random_contrast(image, 1 - contrast, 1 + contrast, seed=keys[2])
+    if saturation:
+      image = tf.image.stateless_random_saturation(
+        image, 1 - saturation, 1 + saturation, seed=keys[3]
+      )
+    image = tf.clip_by_value(image, 0.0, 1.0) * 255.0
+  return image
 
 
 def normalize(image: tf.Tensor) -> tf.Tensor:
-    return (image - PIXEL_MEAN) / PIXEL_SCALE
+  return (image - PIXEL_MEAN) / PIXEL_SCALE
 
 
 def _seed_from(*values: int) -> int:
-    """A 63-bit seed mixing the given integers (distinct tuples give unrelated seeds)."""
-    return int(np.random.SeedSequence(list(values)).generate_state(1, np.uint64)[0] >> 1)
+  """A 63-bit seed mixing the given integers (distinct tuples give unrelated seeds)."""
+  return int(np.random.SeedSequence(list(values)).generate_state(1, np.uint64)[0] >> 1)
 
 
-def build_train_dataset(builder: tfds.core.DatasetBuilder, *, split: str,
-                        per_process_batch_size: int, seed: int, start_step: int = 0,
-                        image_size: int = 112, augment=None, shuffle_buffer: int = 10_000,
-                        process_index: int | None = None,
-                        process_count: int | None = None) -> tf.data.Dataset:
-    """The endless training tf.data pipeline of one process (see the module docstring).
+def build_train_dataset(
+  builder: tfds.core.DatasetBuilder,
+  *,
+  split: str,
+  per_process_batch_size: int,
+  seed: int,
+  start_step: int = 0,
+  image_size: int = 112,
+  augment=None,
+  shuffle_buffer: int = 10_000,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> tf.data.Dataset:
+  """The endless training tf.data pipeline of one process (see the module docstring).
 
-    Args:
-      builder: a prepared builder with 'image' and 'label' features.
-      split: the split to read; each process reads an even, disjoint share of it.
-      per_process_batch_size: batch size of this process.
-      seed: the run's seed.
-      start_step: first batch produced; batch k is the same whatever start_step <= k.
-      image_size: side of the square output images.
-      augment: mapping of augmentations (see augment_image); None: none.
-      shuffle_buffer: shuffle buffer size in records.
-      process_index, process_count: this process's share; default jax's.
-    Returns:
-      batches {'image': float32 [B, S, S, 3] normalised, 'label': int32 [B]}.
-    """
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-    subsplit = tfds.even_splits(split, n=process_count)[process_index]
-    num_records = builder.info.splits[subsplit].num_examples
-    if num_records == 0:
-        raise ValueError(f"{builder.info.full_name} split {split!r} leaves no records for process "
-                         f"{process_index} of {process_count}")
-    augment = augment if augment is not None else {}
-    records = builder.as_dataset(
-        split=subsplit, shuffle_files=False,
-        decoders={"image": tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(try_autocache=False),
-    ).map(lambda example: (example["image"], example["label"]))
+  Args:
+    builder: a prepared builder with 'image' and 'label' features.
+    split: the split to read; each process reads an even, disjoint share of it.
+    per_process_batch_size: batch size of this process.
+    seed: the run's seed.
+    start_step: first batch produced; batch k is the same whatever start_step <= k.
+    image_size: side of the square output images.
+    augment: mapping of augmentations (see augment_image); None: none.
+    shuffle_buffer: shuffle buffer size in records.
+    process_index, process_count: this process's share; default jax's.
+  Returns:
+    batches {'image': float32 [B, S, S, 3] normalised, 'label': int32 [B]}.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  subsplit = tfds.even_splits(split, n=process_count)[process_index]
+  num_records = builder.info.splits[subsplit].num_examples
+  if num_records == 0:
+    raise ValueError(
+      f"{builder.info.full_name} split {split!r} leaves no records for process "
+      f"{process_index} of {process_count}"
+    )
+  augment = augment if augment is not None else {}
+  records = builder.as_dataset(
+    split=subsplit,
+    shuffle_files=False,
+    decoders={"image": tfds.decode.SkipDecoding()},
+    read_config=tfds.ReadConfig(try_autocache=False),
+  ).map(lambda example: (example["image"], example["label"]))
 
-    buffer_size = min(shuffle_buffer, num_records)
-    epoch_seed_base = _seed_from(seed, process_index, 0)
+  buffer_size = min(shuffle_buffer, num_records)
+  epoch_seed_base = _seed_from(seed, process_index, 0)
 
-    def one_epoch(epoch):
-        epoch_seed = tf.random.stateless_uniform(
-            [], seed=tf.stack([tf.constant(epoch_seed_base, tf.int64), epoch]),
-            minval=None, maxval=None, dtype=tf.int64)
-        return records.shuffle(buffer_size, seed=epoch_seed, reshuffle_each_iteration=False)
+  def one_epoch(epoch):
+    epoch_seed = tf.random.stateless_uniform(
+      [],
+      seed=tf.stack([tf.constant(epoch_seed_base, tf.int64), epoch]),
+      minval=None,
+      maxval=None,
+      dtype=tf.int64,
+    )
+    return records.shuffle(buffer_size, seed=epoch_seed, reshuffle_each_iteration=False)
 
-    first_record = start_step * per_process_batch_size
-    start_epoch, offset = divmod(first_record, num_records)
-    element_seed = tf.constant(_seed_from(seed, process_index, 1), tf.int64)
+  first_record = start_step * per_process_batch_size
+  start_epoch, offset = divmod(first_record, num_records)
+  element_seed = tf.constant(_seed_from(seed, process_index, 1), tf.int64)
 
-    def preprocess(position, record):
-        image_bytes, label = record
-        image = decode_image(image_bytes, image_size)
-        image = augment_image(image, tf.stack([element_seed, position]), augment)
-        return {"image": normalize(image), "label": tf.cast(label, tf.int32)}
+  def preprocess(position, record):
+    image_bytes, label = record
+    image = decode_image(image_bytes, image_size)
+    image = augment_image(image, tf.stack([element_seed, position]), augment)
+    return {"image": normalize(image), "label": tf.cast(label, tf.int32)}
 
-    ds = tf.data.Dataset.counter(start_epoch).flat_map(one_epoch).skip(offset)
-    ds = ds.enumerate(start=first_record)
-    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(per_process_batch_size, drop_remainder=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def create_train_iterator(dataset_config, *, global_batch_size: int, seed: int,
-                          start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Endless {'image': float32 [B, S, S, 3], 'label': int32 [B]} batches for this process.
-
-    B = global_batch_size / jax.process_count(). start_step=k yields exactly the batches k, k+1, ...
-    that a fresh iterator yields at those positions.
-    """
-    if global_batch_size % jax.process_count():
-        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the "
-                         f"{jax.process_count()} processes")
-    builder = _builder(dataset_config)
-    num_skipped = _num_skipped_images(builder, dataset_config.split)
-    if num_skipped:
-        logging.warning("%s: %d undecodable images were left out of split %s when it was built; "
-                        "they are listed in its metadata (%s/metadata.json)",
-                        builder.info.full_name, num_skipped, dataset_config.split, builder.data_dir)
-    ds = build_train_dataset(
-        builder, split=dataset_config.split,
-        per_process_batch_size=global_batch_size // jax.process_count(), seed=seed,
-        start_step=start_step, image_size=dataset_config.image_size,
-        augment=dataset_config.augment, shuffle_buffer=dataset_config.shuffle_buffer)
-    return ds.as_numpy_iterator()
+  ds = tf.data.Dataset.counter(start_epoch).flat_map(one_epoch).skip(offset)
+  ds = ds.enumerate(start=first_record)
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(per_process_batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _decoded_uint8(ds: tf.data.Dataset, image_keys: tuple[str, ...], image_size: int,
-                   other_keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Reads all of ds (with undecoded images) into numpy, images as uint8 [N, S, S, 3]."""
+def create_train_iterator(
+  dataset_config, *, global_batch_size: int, seed: int, start_step: int = 0
+) -> Iterator[dict[str, np.ndarray]]:
+  """Endless {'image': float32 [B, S, S, 3], 'label': int32 [B]} batches for this process.
 
-    def decode(example):
-        out = {k: example[k] for k in other_keys}
-        for k in image_keys:
-            image = decode_image(example[k], image_size)
-            out[k] = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-        return out
+  B = global_batch_size / jax.process_count(). start_step=k yields exactly the batches k, k+1, ...
+  that a fresh iterator yields at those positions.
+  """
+  if global_batch_size % jax.process_count():
+    raise ValueError(
+      f"global_batch_size {global_batch_size} is not divisible by the "
+      f"{jax.process_count()} processes"
+    )
+  builder = _builder(dataset_config)
+  num_skipped = _num_skipped_images(builder, dataset_config.split)
+  if num_skipped:
+    logging.warning(
+      "%s: %d undecodable images were left out of split %s when it was built; "
+      "they are listed in its metadata (%s/metadata.json)",
+      builder.info.full_name,
+      num_skipped,
+      dataset_config.split,
+      builder.data_dir,
+    )
+  ds = build_train_dataset(
+    builder,
+    split=dataset_config.split,
+    per_process_batch_size=global_batch_size // jax.process_count(),
+    seed=seed,
+    start_step=start_step,
+    image_size=dataset_config.image_size,
+    augment=dataset_config.augment,
+    shuffle_buffer=dataset_config.shuffle_buffer,
+  )
+  return ds.as_numpy_iterator()
 
-    batches = list(ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(256)
-                   .prefetch(1).as_numpy_iterator())
-    return {k: np.concatenate([b[k] for b in batches]) for k in image_keys + other_keys}
+
+def _decoded_uint8(
+  ds: tf.data.Dataset, image_keys: tuple[str, ...], image_size: int, other_keys: tuple[str, ...]
+) -> dict[str, np.ndarray]:
+  """Reads all of ds (with undecoded images) into numpy, images as uint8 [N, S, S, 3]."""
+
+  def decode(example):
+    out = {k: example[k] for k in other_keys}
+    for k in image_keys:
+      image = decode_image(example[k], image_size)
+      out[k] = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    return out
+
+  batches = list(
+    ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(256).prefetch(1).as_numpy_iterator()
+  )
+  return {k: np.concatenate([b[k] for b in batches]) for k in image_keys + other_keys}
 
 
 def _images_of(builder, split: str, image_size: int) -> dict[str, np.ndarray]:
-    ds = builder.as_dataset(split=split, shuffle_files=False,
-                            decoders={"image": tfds.decode.SkipDecoding()},
-                            read_config=tfds.ReadConfig(try_autocache=False))
-    keys = tuple(k for k in ("label", "identity") if k in builder.info.features)
-    return _decoded_uint8(ds, ("image",), image_size, keys)
+  ds = builder.as_dataset(
+    split=split,
+    shuffle_files=False,
+    decoders={"image": tfds.decode.SkipDecoding()},
+    read_config=tfds.ReadConfig(try_autocache=False),
+  )
+  keys = tuple(k for k in ("label", "identity") if k in builder.info.features)
+  return _decoded_uint8(ds, ("image",), image_size, keys)
 
 
 def _pairs_of(images: np.ndarray, identities: np.ndarray, **pair_kwargs) -> dict[str, np.ndarray]:
-    chosen = pairs.make_pairs(identities, **pair_kwargs)
-    return {"image_a": images[chosen["index_a"]], "image_b": images[chosen["index_b"]],
-            "is_same": chosen["is_same"], "fold": chosen["fold"]}
+  chosen = pairs.make_pairs(identities, **pair_kwargs)
+  return {
+    "image_a": images[chosen["index_a"]],
+    "image_b": images[chosen["index_b"]],
+    "is_same": chosen["is_same"],
+    "fold": chosen["fold"],
+  }
 
 
-def load_verification_set(name: str, *, data_dir: str | None = None, image_size: int = 112,
-                          builder_kwargs=None, manual_dir: str | None = None,
-                          ) -> dict[str, np.ndarray]:
-    """A verification pair set: {'image_a', 'image_b': uint8 [N, S, S, 3], 'is_same': bool [N],
-    'fold': int32 [N]}.
+def load_verification_set(
+  name: str,
+  *,
+  data_dir: str | None = None,
+  image_size: int = 112,
+  builder_kwargs=None,
+  manual_dir: str | None = None,
+) -> dict[str, np.ndarray]:
+  """A verification pair set: {'image_a', 'image_b': uint8 [N, S, S, 3], 'is_same': bool [N],
+  'fold': int32 [N]}.
 
-    Args:
-      name: one of VERIFICATION_SETS. 'lfw', 'cfp_fp', ... read face_verification/<name>;
-        'synthetic' pairs the held-out identities of synthetic_faces (every genuine pair and as
-        many impostor pairs, seeded), 'orl' every pair among ORL's s31..s40 (450 genuine, 4,500
-        impostor; at 112x112 the two image arrays take 370 MB), both in 10 folds.
-      data_dir: TFDS data directory (None: TFDS's default).
-      image_size: side of the square images returned.
-      builder_kwargs: for 'synthetic', the synthetic_faces sizes used in training.
-      manual_dir: for the face_verification sets, where the .bin files (or LFW's pairs.txt tree)
-        lie.
-    """
-    if name in face_verification.SETS:
-        builder = prepared_builder(f"face_verification/{name}", data_dir=data_dir,
-                                   manual_dir=manual_dir)
-        ds = builder.as_dataset(
-            split="test", shuffle_files=False,
-            decoders={"image_a": tfds.decode.SkipDecoding(), "image_b": tfds.decode.SkipDecoding()},
-            read_config=tfds.ReadConfig(try_autocache=False))
-        out = _decoded_uint8(ds, ("image_a", "image_b"), image_size, ("is_same", "fold"))
-        return {"image_a": out["image_a"], "image_b": out["image_b"],
-                "is_same": out["is_same"].astype(bool), "fold": out["fold"].astype(np.int32)}
-    if name == "synthetic":
-        builder = prepared_builder("synthetic_faces", data_dir=data_dir,
-                                   builder_kwargs=builder_kwargs)
-        heldout = _images_of(builder, "heldout", image_size)
-        num_genuine = int(sum(n * (n - 1) // 2 for n in np.unique(
-            heldout["identity"], return_counts=True)[1]))
-        return _pairs_of(heldout["image"], heldout["identity"], num_impostor_pairs=num_genuine)
-    if name == "orl":
-        builder = prepared_builder("image_folder/orl", data_dir=data_dir)
-        orl = _images_of(builder, "train", image_size)
-        names = np.array(builder.info.features["label"].names)[orl["label"]]
-        keep = np.isin(names, image_folder.ORL_VERIFICATION_IDENTITIES)
-        return _pairs_of(orl["image"][keep], names[keep])
-    raise ValueError(f"unknown verification set {name!r}; known: {VERIFICATION_SETS}")
+  Args:
+    name: one of VERIFICATION_SETS. 'lfw', 'cfp_fp', ... read face_verification/<name>;
+      'synthetic' pairs the held-out identities of synthetic_faces (every genuine pair and as
+      many impostor pairs, seeded), 'orl' every pair among ORL's s31..s40 (450 genuine, 4,500
+      impostor; at 112x112 the two image arrays take 370 MB), both in 10 folds.
+    data_dir: TFDS data directory (None: TFDS's default).
+    image_size: side of the square images returned.
+    builder_kwargs: for 'synthetic', the synthetic_faces sizes used in training.
+    manual_dir: for the face_verification sets, where the .bin files (or LFW's pairs.txt tree)
+      lie.
+  """
+  if name in face_verification.SETS:
+    builder = prepared_builder(
+      f"face_verification/{name}", data_dir=data_dir, manual_dir=manual_dir
+    )
+    ds = builder.as_dataset(
+      split="test",
+      shuffle_files=False,
+      decoders={"image_a": tfds.decode.SkipDecoding(), "image_b": tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(try_autocache=False),
+    )
+    out = _decoded_uint8(ds, ("image_a", "image_b"), image_size, ("is_same", "fold"))
+    return {
+      "image_a": out["image_a"],
+      "image_b": out["image_b"],
+      "is_same": out["is_same"].astype(bool),
+      "fold": out["fold"].astype(np.int32),
+    }
+  if name == "synthetic":
+    builder = prepared_builder("synthetic_faces", data_dir=data_dir, builder_kwargs=builder_kwargs)
+    heldout = _images_of(builder, "heldout", image_size)
+    num_genuine = int(
+      sum(n * (n - 1) // 2 for n in np.unique(heldout["identity"], return_counts=True)[1])
+    )
+    return _pairs_of(heldout["image"], heldout["identity"], num_impostor_pairs=num_genuine)
+  if name == "orl":
+    builder = prepared_builder("image_folder/orl", data_dir=data_dir)
+    orl = _images_of(builder, "train", image_size)
+    names = np.array(builder.info.features["label"].names)[orl["label"]]
+    keep = np.isin(names, image_folder.ORL_VERIFICATION_IDENTITIES)
+    return _pairs_of(orl["image"][keep], names[keep])
+  raise ValueError(f"unknown verification set {name!r}; known: {VERIFICATION_SETS}")

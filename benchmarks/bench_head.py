@@ -13,6 +13,10 @@ its RSS just before the first step) belongs to that measurement alone. Also prin
 
   python benchmarks/bench_head.py                      # C = 10k, 100k; ~5 min on 2 CPU cores
   python benchmarks/bench_head.py --classes=10000,100000,1000000 --out=/tmp/bench_head.json
+  python benchmarks/bench_head.py --device=cuda --mesh_sizes=1 --classes=100000,1000000   # a GPU
+
+On a GPU, memory is the device's peak allocation (JAX's peak_bytes_in_use, PyTorch's
+max_memory_allocated) instead of the process's RSS.
 
 PyTorch comes from benchmarks/requirements.txt; without it the PyTorch rows are skipped.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import resource
 import subprocess
@@ -53,7 +58,8 @@ def _time(fn, steps: int) -> float:
 
 
 def worker_jax(num_classes: int, dtype: str, num_devices: int, steps: int) -> dict:
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  if num_devices > 1:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
   sys.path.insert(0, REPO)
   import jax
   import jax.numpy as jnp
@@ -75,7 +81,10 @@ def worker_jax(num_classes: int, dtype: str, num_devices: int, steps: int) -> di
   memory = step.lower(centers, emb).compile().memory_analysis()
   rss_before = _rss_bytes()
   seconds = _time(lambda: jax.block_until_ready(step(centers, emb)), steps)
-  result = {"seconds": seconds, "peak_rss_bytes": _peak_rss_bytes() - rss_before,
+  device_stats = jax.devices()[0].memory_stats() or {}
+  peak = (device_stats["peak_bytes_in_use"] if jax.default_backend() != "cpu"
+          else _peak_rss_bytes() - rss_before)
+  result = {"seconds": seconds, "peak_bytes": peak, "backend": jax.default_backend(),
             "per_device_argument_bytes": memory.argument_size_in_bytes,
             "per_device_output_bytes": memory.output_size_in_bytes,
             "per_device_temp_bytes": memory.temp_size_in_bytes}
@@ -88,39 +97,49 @@ def worker_jax(num_classes: int, dtype: str, num_devices: int, steps: int) -> di
   return result
 
 
-def worker_torch(num_classes: int, dtype: str, steps: int) -> dict:
+def worker_torch(num_classes: int, dtype: str, steps: int, device: str) -> dict:
   import torch
   import torch.nn.functional as F
 
   torch.manual_seed(0)
+  torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on both sides.
   tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-  weight = (0.01 * torch.randn(num_classes, D)).requires_grad_()
-  emb = torch.randn(B, D, requires_grad=True)
-  labels = torch.randint(0, num_classes, (B,))
-  cos_m, sin_m = torch.tensor(M).cos(), torch.tensor(M).sin()
-  theta_limit = torch.tensor(torch.pi - M).cos()
-  sinmm = torch.tensor(torch.pi - M).sin() * M
+  weight = (0.01 * torch.randn(num_classes, D, device=device)).requires_grad_()
+  emb = torch.randn(B, D, device=device, requires_grad=True)
+  labels = torch.randint(0, num_classes, (B,), device=device)
+  cos_m, sin_m = math.cos(M), math.sin(M)
+  theta_limit = math.cos(math.pi - M)
+  sinmm = math.sin(math.pi - M) * M
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
   def step():
     weight.grad = emb.grad = None
-    with torch.autocast("cpu", dtype=tdtype, enabled=tdtype != torch.float32):
+    with torch.autocast(device, dtype=tdtype, enabled=tdtype != torch.float32):
       logits = F.linear(F.normalize(emb), F.normalize(weight))
     logits = logits.float().clamp(-1, 1)
     # arcface_torch CombinedMarginLoss, arcface branch (margins (1, 0.5, 0)).
-    rows = torch.arange(B)
+    rows = torch.arange(B, device=device)
     target = logits[rows, labels]
     sin_theta = torch.sqrt(1.0 - target * target)
     cos_theta_m = target * cos_m - sin_theta * sin_m
     final = torch.where(target > theta_limit, cos_theta_m, target - sinmm)
     logits = logits.index_put((rows, labels), final) * S
     F.cross_entropy(logits, labels).backward()
+    sync()
 
   rss_before = _rss_bytes()
   seconds = _time(step, steps)
-  result = {"seconds": seconds, "peak_rss_bytes": _peak_rss_bytes() - rss_before}
-  a = torch.randn(B, D, dtype=tdtype)
-  bmat = torch.randn(D, num_classes, dtype=tdtype)
-  result["matmul_seconds"] = 3 * _time(lambda: a @ bmat, steps)
+  peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+          else _peak_rss_bytes() - rss_before)
+  result = {"seconds": seconds, "peak_bytes": peak, "backend": device}
+  a = torch.randn(B, D, dtype=tdtype, device=device)
+  bmat = torch.randn(D, num_classes, dtype=tdtype, device=device)
+
+  def matmul():
+    a @ bmat
+    sync()
+
+  result["matmul_seconds"] = 3 * _time(matmul, steps)
   return result
 
 
@@ -145,19 +164,22 @@ def main():
   parser.add_argument("--classes", default="10000,100000")
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--device", default="cpu", help="PyTorch device: cpu or cuda")
+  parser.add_argument("--mesh_sizes", default="1,8",
+                      help="N of the scaling table (N > 1 uses host-CPU devices)")
   parser.add_argument("--out", default="/tmp/bench_head.json")
-  parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+  parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    impl, num_classes, dtype, num_devices = args.worker
+    impl, num_classes, dtype, num_devices, device = args.worker
     result = (worker_jax(int(num_classes), dtype, int(num_devices), args.steps) if impl == "jax"
-              else worker_torch(int(num_classes), dtype, args.steps))
+              else worker_torch(int(num_classes), dtype, args.steps, device))
     print(json.dumps(result))
     return
 
   threads = os.cpu_count()
   print(f"head: normalised FC + ArcFace (s={S}, m={M}) + CE, fwd+bwd, B={B}, D={D}, "
-        f"{threads} CPU threads")
+        f"{threads} CPU threads, PyTorch on {args.device}")
   rows = []
   header = (f"{'C':>8} {'dtype':>9} | {'adam_face s':>11} {'torch s':>9} {'speed-up':>8} | "
             f"{'jax MB':>8} {'torch MB':>8} | {'jax %peak':>9} {'torch %peak':>11}")
@@ -166,8 +188,9 @@ def main():
   for num_classes in (int(c) for c in args.classes.split(",")):
     flops = 6 * B * D * num_classes
     for dtype in args.dtypes.split(","):
-      jax_r = _run_worker(["jax", str(num_classes), dtype, "1"])
-      torch_r = _run_worker(["torch", str(num_classes), dtype, "1"]) if _torch_available() else None
+      jax_r = _run_worker(["jax", str(num_classes), dtype, "1", args.device])
+      torch_r = (_run_worker(["torch", str(num_classes), dtype, "1", args.device])
+                 if _torch_available() else None)
       if jax_r is None:
         continue
       row = {"num_classes": num_classes, "dtype": dtype, "flops": flops, "adam_face": jax_r,
@@ -178,8 +201,8 @@ def main():
       print(f"{num_classes:>8} {dtype:>9} | {jax_r['seconds']:>11.4f} "
             f"{t.get('seconds', float('nan')):>9.4f} "
             f"{t.get('seconds', float('nan')) / jax_r['seconds']:>7.2f}x | "
-            f"{jax_r['peak_rss_bytes'] / 2**20:>8.0f} "
-            f"{t.get('peak_rss_bytes', float('nan')) / 2**20:>8.0f} | "
+            f"{jax_r['peak_bytes'] / 2**20:>8.0f} "
+            f"{t.get('peak_bytes', float('nan')) / 2**20:>8.0f} | "
             f"{pct(jax_r):>8.1f}% {pct(t) if t else float('nan'):>10.1f}%")
 
   print("\nclass-sharded head (float32): N host devices; per-device bytes from the compiled step")
@@ -189,8 +212,8 @@ def main():
   print("-" * len(header))
   scaling = []
   for num_classes in (int(c) for c in args.classes.split(",")):
-    for n in (1, 8):
-      r = _run_worker(["jax", str(num_classes), "float32", str(n)])
+    for n in (int(n) for n in args.mesh_sizes.split(",")):
+      r = _run_worker(["jax", str(num_classes), "float32", str(n), args.device])
       if r is None:
         continue
       scaling.append({"num_classes": num_classes, "num_devices": n, **r})

@@ -23,8 +23,8 @@ torch.set_num_threads(os.cpu_count()). PyTorch's memory format (contiguous, chan
 OpenMP wait policy (as set, PASSIVE) are by default chosen per model by timing each after the
 warm-up. The 1-minute load average is printed: on a CPU shared with other work the rates are noisy.
 
-  python -m benchmarks.bench_train_step                      # tiny + mobilefacenet, < 10 min, 2 cores
-  python -m benchmarks.bench_train_step --quick              # smoke test, ~1 min
+  python -m benchmarks.bench_train_step                 # tiny + mobilefacenet, ~3 min on 2 cores
+  python -m benchmarks.bench_train_step --quick         # smoke test, ~1 min
   python -m benchmarks.bench_train_step --models=tiny,mobilefacenet,iresnet50
   python -m benchmarks.bench_train_step --dtype=bfloat16 --device=cuda --batch_size=256   # GPU
 
@@ -42,6 +42,7 @@ import os
 import platform
 import statistics
 import time
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -131,8 +132,8 @@ def count_params(tree) -> int:
 class AdamFaceStep:
   """The jitted train step of adam_face/train.py on one fixed random batch already on device."""
 
-  def __init__(self, config: ml_collections.ConfigDict, num_classes: int, total_steps: int = 10_000):
-    self.config = config
+  def __init__(self, config: ml_collections.ConfigDict, num_classes: int,
+               total_steps: int = 10_000):
     self.batch_size = config.global_batch_size
     self.mesh = classifier.create_mesh()
     self.model = models.create_model(config.model.name, embedding_dim=config.model.embedding_dim,
@@ -142,7 +143,7 @@ class AdamFaceStep:
     tx = ts.create_optimizer(config, learning_rate_fn)
     self.state, state_shardings = ts.create_train_state(config, self.model, self.mesh,
                                                         num_classes, tx)
-    batch_sharding = NamedSharding(self.mesh, P(classifier.MESH_AXIS))
+    self.batch_sharding = batch_sharding = NamedSharding(self.mesh, P(classifier.MESH_AXIS))
     self.step_fn = jax.jit(
         functools.partial(ts.train_step, model=self.model, tx=tx,
                           learning_rate_fn=learning_rate_fn, mesh=self.mesh,
@@ -161,16 +162,26 @@ class AdamFaceStep:
     self.num_params = backbone + num_classes * config.model.embedding_dim  # Without class padding.
     self.num_backbone_params = backbone
 
-  def compile_seconds(self) -> float:
+  def compile(self) -> float:
+    """Compiles the step ahead of its first call; returns the seconds that took."""
     start = time.perf_counter()
     self.step_fn = self.step_fn.lower(self.state, self.batch).compile()
     return time.perf_counter() - start
 
-  def run(self, steps: int) -> float:
-    """Seconds for `steps` steps, waiting for the last one to finish."""
+  def run(self, steps: int, host_batches: Iterator[dict[str, np.ndarray]] | None = None) -> float:
+    """Seconds for `steps` steps, waiting for the last one to finish.
+
+    With `host_batches` (numpy batches, e.g. from input_pipeline.create_train_iterator) every
+    step takes the next one and puts it on the devices as train.py does; otherwise every step
+    reuses the random batch already on the devices.
+    """
     start = time.perf_counter()
     for _ in range(steps):
-      self.state, metrics = self.step_fn(self.state, self.batch)
+      batch = self.batch
+      if host_batches is not None:
+        batch = {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+                 for k, v in next(host_batches).items()}
+      self.state, metrics = self.step_fn(self.state, batch)
     jax.block_until_ready((self.state, metrics))
     return time.perf_counter() - start
 
@@ -495,7 +506,8 @@ def fastest_torch_process(layout: dict, args, *, embedding_dim: int, batch_size:
   the other memory format with the better policy.
 
   Returns:
-    (TorchProcess, name of the chosen setting, {setting: img/s, or why it failed}).
+    (TorchProcess, name of the chosen setting, {setting: img/s, or why it failed}); the first
+    two are None when PyTorch failed in every setting.
   """
   formats = (["contiguous", "channels_last"] if args.torch_memory_format == "best"
              else [args.torch_memory_format])
@@ -524,7 +536,7 @@ def fastest_torch_process(layout: dict, args, *, embedding_dim: int, batch_size:
   for memory_format in formats[1:]:
     attempt(memory_format, best_policy)
   if not candidates:
-    raise TorchCrashed(f"PyTorch failed in every setting tried: {trials}")
+    return None, None, trials
   chosen = max(candidates, key=trials.get)
   for setting, (process, _) in candidates.items():
     if setting != chosen:
@@ -535,51 +547,40 @@ def fastest_torch_process(layout: dict, args, *, embedding_dim: int, batch_size:
 # ------------------------------------------------------------------------------ driver
 
 
-def measure_adam_face_rate(config: ml_collections.ConfigDict, num_classes: int, *,
-                           warmup_steps: int = 2, steps: int = 5) -> dict:
-  """Images/s of adam_face's jitted train step for `config` (bench_pipeline uses it too)."""
-  step = AdamFaceStep(config, num_classes)
-  compile_seconds = step.compile_seconds()
-  step.run(warmup_steps)
-  seconds = step.run(steps)
-  return {"images_per_second": steps * step.batch_size / seconds, "seconds": seconds,
-          "steps": steps, "compile_seconds": compile_seconds, "global_batch_size": step.batch_size}
-
-
 def benchmark_model(name: str, args) -> dict:
   batch_size = args.batch_size or DEFAULT_BATCH.get(name, DEFAULT_BATCH_OTHER)
   embedding_dim = args.embedding_dim or DEFAULT_EMBEDDING.get(name, DEFAULT_EMBEDDING_OTHER)
   config = train_config(name, batch_size=batch_size, embedding_dim=embedding_dim,
                         image_size=args.image_size, dtype=args.dtype)
   jax_step = AdamFaceStep(config, args.num_classes)
-  compile_seconds = jax_step.compile_seconds()
+  row = {"model": name, "batch_size": batch_size, "embedding_dim": embedding_dim,
+         "params": jax_step.num_params, "backbone_params": jax_step.num_backbone_params,
+         "adam_face_compile_seconds": jax_step.compile()}
   jax_step.run(args.warmup_steps)
-  torch_step, setting, trials = fastest_torch_process(
+  torch_step, row["torch_setting"], row["torch_setting_trials"] = fastest_torch_process(
       torch_layout(jax_step.model), args, embedding_dim=embedding_dim, batch_size=batch_size)
+  sides = {"adam_face": jax_step}
+  if torch_step is not None:
+    sides["torch"] = torch_step
   try:
-    if torch_step.num_params != jax_step.num_params:
+    if torch_step is not None and torch_step.num_params != jax_step.num_params:
       raise RuntimeError(f"{name}: adam_face has {jax_step.num_params} trainable parameters, the "
                          f"PyTorch reference {torch_step.num_params}; the layouts differ.")
-    jax_rates, torch_rates = [], []
+    rates = {side: [] for side in sides}
     for _ in range(args.rounds):
-      jax_rates.append(args.steps_per_round * batch_size / jax_step.run(args.steps_per_round))
-      torch_rates.append(args.steps_per_round * batch_size / torch_step.run(args.steps_per_round))
-    row = {
-        "model": name, "batch_size": batch_size, "embedding_dim": embedding_dim,
-        "params": jax_step.num_params, "backbone_params": jax_step.num_backbone_params,
-        "torch_params": torch_step.num_params,
-        "adam_face_images_per_s": statistics.median(jax_rates),
-        "torch_images_per_s": statistics.median(torch_rates),
-        "adam_face_rounds": jax_rates, "torch_rounds": torch_rates,
-        "adam_face_compile_seconds": compile_seconds,
-        "torch_setting": setting, "torch_setting_trials": trials,
-    }
-    row["ratio"] = row["adam_face_images_per_s"] / row["torch_images_per_s"]
-    if args.breakdown:
-      row["adam_face_breakdown"] = jax_step.breakdown(args.steps_per_round)
-      row["torch_breakdown"] = torch_step.breakdown(args.steps_per_round)
+      for side, step in sides.items():
+        rates[side].append(args.steps_per_round * batch_size / step.run(args.steps_per_round))
+    for side, step in sides.items():
+      row[f"{side}_images_per_s"] = statistics.median(rates[side])
+      row[f"{side}_rounds"] = rates[side]
+      if args.breakdown:
+        row[f"{side}_breakdown"] = step.breakdown(args.steps_per_round)
   finally:
-    torch_step.close()
+    if torch_step is not None:
+      torch_step.close()
+  row.setdefault("torch_images_per_s", None)
+  row["ratio"] = (row["adam_face_images_per_s"] / row["torch_images_per_s"]
+                  if row["torch_images_per_s"] else None)
   return row
 
 
@@ -602,9 +603,10 @@ def main(argv=None):
     rows.append(row)
     trials = ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k}: {v}"
                        for k, v in row["torch_setting_trials"].items())
-    print(f"  {name}: {row['params']:,} trainable parameters on both sides "
+    sides = "both sides" if row["torch_setting"] else "adam_face"
+    print(f"  {name}: {row['params']:,} trainable parameters on {sides} "
           f"({row['backbone_params']:,} in the backbone); adam_face compiled in "
-          f"{row['adam_face_compile_seconds']:.1f} s; torch {row['torch_setting']} "
+          f"{row['adam_face_compile_seconds']:.1f} s; torch {row['torch_setting'] or 'failed'} "
           f"(img/s after warm-up: {trials})", flush=True)
   load_after = os.getloadavg()[0]
 
@@ -613,9 +615,11 @@ def main(argv=None):
   print(header)
   print("-" * len(header))
   for row in rows:
+    torch_rate = "failed" if row["ratio"] is None else f"{row['torch_images_per_s']:.1f}"
+    ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
     print(f"{row['model']:<14}{row['batch_size']:>6}{row['embedding_dim']:>5}"
           f"{row['params'] / 1e6:>11.3f}{row['adam_face_images_per_s']:>16.1f}"
-          f"{row['torch_images_per_s']:>12.1f}{row['ratio']:>7.2f}")
+          f"{torch_rate:>12}{ratio:>7}")
   print(f"ratio = adam_face / torch (> 1: adam_face faster); load average {load_after:.1f} at "
         "the end" + (" (the CPU was shared: treat the rates as noisy)"
                      if max(load_before, load_after) > 1.5 * os.cpu_count() else ""))
@@ -624,6 +628,8 @@ def main(argv=None):
           f"{'full step img/s':>16}")
     for row in rows:
       for side in ("adam_face", "torch"):
+        if f"{side}_breakdown" not in row:
+          continue
         b = row[f"{side}_breakdown"]
         print(f"{row['model']:<14}{side:<10}{b['forward']:>10.1f}{b['forward_backward']:>14.1f}"
               f"{row[f'{side}_images_per_s']:>16.1f}")

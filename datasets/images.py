@@ -15,8 +15,18 @@ from PIL import Image
 
 # File name endings treated as images when scanning folders; anything else (READMEs, csv files)
 # is ignored.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".tif", ".tiff",
-                    ".webp")
+IMAGE_EXTENSIONS = (
+  ".jpg",
+  ".jpeg",
+  ".png",
+  ".pgm",
+  ".ppm",
+  ".pbm",
+  ".bmp",
+  ".tif",
+  ".tiff",
+  ".webp",
+)
 # tf.io.decode_image reads these formats in these modes as they are (greyscale expands to 3
 # channels at decode time), so such bytes are stored unchanged.
 _TF_DECODABLE = {"JPEG": ("L", "RGB"), "PNG": ("L", "RGB")}
@@ -28,82 +38,87 @@ JPEG_QUALITY = 95
 
 
 class UndecodableImageError(ValueError):
-    """An image file or record that pillow cannot decode; `where` names the file or record."""
+  """An image file or record that pillow cannot decode; `where` names the file or record."""
 
-    def __init__(self, where: str, cause: Exception):
-        super().__init__(f"{where}: cannot decode image ({cause})")
-        self.where = where
+  def __init__(self, where: str, cause: Exception):
+    super().__init__(f"{where}: cannot decode image ({cause})")
+    self.where = where
 
 
 def decode(data: bytes, where: str) -> Image.Image:
-    """Fully decodes `data`; raises UndecodableImageError naming `where` if that fails."""
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UndecodableImageError(where, e) from e
-    if image.mode not in _GREY_MODES + _COLOUR_MODES:
-        raise UndecodableImageError(where, ValueError(f"unsupported pixel mode {image.mode}"))
-    return image
+  """Fully decodes `data`; raises UndecodableImageError naming `where` if that fails."""
+  try:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    raise UndecodableImageError(where, e) from e
+  if image.mode not in _GREY_MODES + _COLOUR_MODES:
+    raise UndecodableImageError(where, ValueError(f"unsupported pixel mode {image.mode}"))
+  return image
 
 
 def storable_bytes(data: bytes, image: Image.Image) -> bytes:
-    """The bytes to store for decoded `image`: `data` itself when TF decodes it, else a PNG."""
-    if image.mode in _TF_DECODABLE.get(image.format, ()):
-        return data
-    mode = "L" if image.mode in _GREY_MODES else "RGB"
-    return encode_png(np.asarray(image.convert(mode)))
+  """The bytes to store for decoded `image`: `data` itself when TF decodes it, else a PNG."""
+  if image.mode in _TF_DECODABLE.get(image.format, ()):
+    return data
+  mode = "L" if image.mode in _GREY_MODES else "RGB"
+  return encode_png(np.asarray(image.convert(mode)))
 
 
 def encode_png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format="PNG")
+  return buffer.getvalue()
 
 
 def encode_jpeg(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    return buffer.getvalue()
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+  return buffer.getvalue()
 
 
 def resize_rgb(image: Image.Image, size: int) -> np.ndarray:
-    """uint8 [size, size, 3]: the whole image resized (aspect ratio not kept)."""
-    resized = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(resized, np.uint8)
+  """uint8 [size, size, 3]: the whole image resized (aspect ratio not kept)."""
+  resized = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+  return np.asarray(resized, np.uint8)
 
 
 def natural_key(name: str) -> list:
-    """Sort key putting 's2' before 's10'."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+  """Sort key putting 's2' before 's10'."""
+  return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def is_image_file(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+  return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 class SkippedImages:
-    """Logs each undecodable image as it is skipped, then its split's count into the metadata.
+  """Logs each undecodable image as it is skipped, then its split's count into the metadata.
 
-    The builder's metadata then holds {'num_skipped_images': {split: n}, 'skipped_images':
-    {split: [file or record names]}}, so a shorter epoch is always accounted for.
-    """
+  The builder's metadata then holds {'num_skipped_images': {split: n}, 'skipped_images':
+  {split: [file or record names]}}, so a shorter epoch is always accounted for.
+  """
 
-    def __init__(self, dataset_name: str, split: str):
-        self._dataset_name = dataset_name
-        self._split = split
-        self.names: list[str] = []
+  def __init__(self, dataset_name: str, split: str):
+    self._dataset_name = dataset_name
+    self._split = split
+    self.names: list[str] = []
 
-    def skip(self, error: UndecodableImageError) -> None:
-        logging.warning("%s/%s: skipping an undecodable image: %s", self._dataset_name,
-                        self._split, error)
-        self.names.append(error.where)
+  def skip(self, error: UndecodableImageError) -> None:
+    logging.warning(
+      "%s/%s: skipping an undecodable image: %s", self._dataset_name, self._split, error
+    )
+    self.names.append(error.where)
 
-    def record(self, metadata: dict) -> None:
-        """Logs the final count and stores it in `metadata` (the builder's info.metadata)."""
-        if self.names:
-            logging.warning("%s/%s: skipped %d undecodable images (listed in the dataset metadata "
-                            "under 'skipped_images')", self._dataset_name, self._split,
-                            len(self.names))
-        metadata.setdefault("num_skipped_images", {})[self._split] = len(self.names)
-        metadata.setdefault("skipped_images", {})[self._split] = list(self.names)
+  def record(self, metadata: dict) -> None:
+    """Logs the final count and stores it in `metadata` (the builder's info.metadata)."""
+    if self.names:
+      logging.warning(
+        "%s/%s: skipped %d undecodable images (listed in the dataset metadata "
+        "under 'skipped_images')",
+        self._dataset_name,
+        self._split,
+        len(self.names),
+      )
+    metadata.setdefault("num_skipped_images", {})[self._split] = len(self.names)
+    metadata.setdefault("skipped_images", {})[self._split] = list(self.names)

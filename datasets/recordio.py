@@ -37,125 +37,128 @@ _WHOLE, _FIRST, _MIDDLE, _LAST = 0, 1, 2, 3
 
 @dataclasses.dataclass(frozen=True)
 class ImageRecordHeader:
-    """The header of an image record.
+  """The header of an image record.
 
-    `labels` holds one value when flag == 0 (the scalar label field) and `flag` values otherwise.
-    """
+  `labels` holds one value when flag == 0 (the scalar label field) and `flag` values otherwise.
+  """
 
-    flag: int
-    labels: np.ndarray
-    id: int
-    id2: int
+  flag: int
+  labels: np.ndarray
+  id: int
+  id2: int
 
 
 def unpack_image_record(payload: bytes) -> tuple[ImageRecordHeader, bytes]:
-    """Splits a record payload into its header and the encoded image bytes."""
-    if len(payload) < _IMAGE_HEADER.size:
-        raise ValueError(
-            f"record payload has {len(payload)} bytes, fewer than the {_IMAGE_HEADER.size}-byte "
-            "image header")
-    flag, label, id_, id2 = _IMAGE_HEADER.unpack_from(payload)
-    rest = payload[_IMAGE_HEADER.size:]
-    if flag == 0:
-        labels = np.array([label], np.float32)
-    else:
-        if len(rest) < 4 * flag:
-            raise ValueError(f"record header announces {flag} labels but the payload is too short")
-        labels = np.frombuffer(rest, np.float32, count=flag).copy()
-        rest = rest[4 * flag:]
-    return ImageRecordHeader(flag=flag, labels=labels, id=id_, id2=id2), rest
+  """Splits a record payload into its header and the encoded image bytes."""
+  if len(payload) < _IMAGE_HEADER.size:
+    raise ValueError(
+      f"record payload has {len(payload)} bytes, fewer than the {_IMAGE_HEADER.size}-byte "
+      "image header"
+    )
+  flag, label, id_, id2 = _IMAGE_HEADER.unpack_from(payload)
+  rest = payload[_IMAGE_HEADER.size :]
+  if flag == 0:
+    labels = np.array([label], np.float32)
+  else:
+    if len(rest) < 4 * flag:
+      raise ValueError(f"record header announces {flag} labels but the payload is too short")
+    labels = np.frombuffer(rest, np.float32, count=flag).copy()
+    rest = rest[4 * flag :]
+  return ImageRecordHeader(flag=flag, labels=labels, id=id_, id2=id2), rest
 
 
 def read_index(idx_path: str | os.PathLike) -> dict[int, int]:
-    """Parses a `.idx` file (`key<TAB>byte_offset` per line) into {key: offset}, in file order."""
-    index = {}
-    with open(idx_path, "r") as f:
-        for line_number, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            fields = line.split("\t")
-            if len(fields) != 2:
-                raise ValueError(
-                    f"{idx_path}:{line_number}: expected 'key<TAB>offset', got {line!r}")
-            index[int(fields[0])] = int(fields[1])
-    return index
+  """Parses a `.idx` file (`key<TAB>byte_offset` per line) into {key: offset}, in file order."""
+  index = {}
+  with open(idx_path, "r") as f:
+    for line_number, line in enumerate(f, start=1):
+      line = line.strip()
+      if not line:
+        continue
+      fields = line.split("\t")
+      if len(fields) != 2:
+        raise ValueError(f"{idx_path}:{line_number}: expected 'key<TAB>offset', got {line!r}")
+      index[int(fields[0])] = int(fields[1])
+  return index
 
 
 def _read_part(f: BinaryIO, where: str) -> tuple[int, bytes]:
-    head = f.read(_RECORD_HEAD.size)
-    if len(head) != _RECORD_HEAD.size:
-        raise ValueError(f"{where}: file ends inside a record header")
-    magic, lrecord = _RECORD_HEAD.unpack(head)
-    if magic != MAGIC:
-        raise ValueError(f"{where}: bad magic 0x{magic:08x} (expected 0x{MAGIC:08x}); "
-                         "the .idx offsets do not match the .rec file")
-    cflag, length = lrecord >> 29, lrecord & _LENGTH_MASK
-    payload = f.read(length)
-    if len(payload) != length:
-        raise ValueError(f"{where}: file ends inside a {length}-byte payload")
-    f.seek((-length) % 4, os.SEEK_CUR)  # Skip the padding to the next 4-byte boundary.
-    return cflag, payload
+  head = f.read(_RECORD_HEAD.size)
+  if len(head) != _RECORD_HEAD.size:
+    raise ValueError(f"{where}: file ends inside a record header")
+  magic, lrecord = _RECORD_HEAD.unpack(head)
+  if magic != MAGIC:
+    raise ValueError(
+      f"{where}: bad magic 0x{magic:08x} (expected 0x{MAGIC:08x}); "
+      "the .idx offsets do not match the .rec file"
+    )
+  cflag, length = lrecord >> 29, lrecord & _LENGTH_MASK
+  payload = f.read(length)
+  if len(payload) != length:
+    raise ValueError(f"{where}: file ends inside a {length}-byte payload")
+  f.seek((-length) % 4, os.SEEK_CUR)  # Skip the padding to the next 4-byte boundary.
+  return cflag, payload
 
 
 class IndexedRecordReader:
-    """Random access to the records of a `.rec` file through its `.idx` file.
+  """Random access to the records of a `.rec` file through its `.idx` file.
 
-    Usage:
-        with IndexedRecordReader('train.rec', 'train.idx') as reader:
-            header, image_bytes = unpack_image_record(reader.read(1))
-    """
+  Usage:
+      with IndexedRecordReader('train.rec', 'train.idx') as reader:
+          header, image_bytes = unpack_image_record(reader.read(1))
+  """
 
-    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike):
-        self.rec_path = os.fspath(rec_path)
-        self._offsets = read_index(idx_path)
-        self._file = open(self.rec_path, "rb")
+  def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike):
+    self.rec_path = os.fspath(rec_path)
+    self._offsets = read_index(idx_path)
+    self._file = open(self.rec_path, "rb")
 
-    @property
-    def keys(self) -> list[int]:
-        return list(self._offsets)
+  @property
+  def keys(self) -> list[int]:
+    return list(self._offsets)
 
-    def __len__(self) -> int:
-        return len(self._offsets)
+  def __len__(self) -> int:
+    return len(self._offsets)
 
-    def read(self, key: int) -> bytes:
-        """Returns the payload of record `key`, with split parts joined."""
-        if key not in self._offsets:
-            raise KeyError(f"record {key} is not in the index of {self.rec_path}")
-        where = f"{self.rec_path} record {key}"
-        self._file.seek(self._offsets[key])
-        cflag, payload = _read_part(self._file, where)
-        if cflag == _WHOLE:
-            return payload
-        if cflag != _FIRST:
-            raise ValueError(f"{where}: starts with continuation flag {cflag}, expected 0 or 1")
-        parts = [payload]
-        while cflag != _LAST:
-            cflag, payload = _read_part(self._file, where)
-            if cflag not in (_MIDDLE, _LAST):
-                raise ValueError(f"{where}: continuation part has flag {cflag}, expected 2 or 3")
-            parts.append(payload)
-        return _MAGIC_BYTES.join(parts)
+  def read(self, key: int) -> bytes:
+    """Returns the payload of record `key`, with split parts joined."""
+    if key not in self._offsets:
+      raise KeyError(f"record {key} is not in the index of {self.rec_path}")
+    where = f"{self.rec_path} record {key}"
+    self._file.seek(self._offsets[key])
+    cflag, payload = _read_part(self._file, where)
+    if cflag == _WHOLE:
+      return payload
+    if cflag != _FIRST:
+      raise ValueError(f"{where}: starts with continuation flag {cflag}, expected 0 or 1")
+    parts = [payload]
+    while cflag != _LAST:
+      cflag, payload = _read_part(self._file, where)
+      if cflag not in (_MIDDLE, _LAST):
+        raise ValueError(f"{where}: continuation part has flag {cflag}, expected 2 or 3")
+      parts.append(payload)
+    return _MAGIC_BYTES.join(parts)
 
-    def image_keys(self) -> list[int]:
-        """Keys of the image records: [1, label[0]) per the meta record 0, else every key."""
-        if 0 in self._offsets:
-            header, _ = unpack_image_record(self.read(0))
-            if header.flag > 0:
-                end = int(header.labels[0])
-                missing = [k for k in range(1, end) if k not in self._offsets]
-                if missing:
-                    raise ValueError(
-                        f"{self.rec_path}: the meta record lists image records 1..{end - 1}, but "
-                        f"{len(missing)} of them (first: {missing[0]}) are not in the index")
-                return list(range(1, end))
-        return self.keys
+  def image_keys(self) -> list[int]:
+    """Keys of the image records: [1, label[0]) per the meta record 0, else every key."""
+    if 0 in self._offsets:
+      header, _ = unpack_image_record(self.read(0))
+      if header.flag > 0:
+        end = int(header.labels[0])
+        missing = [k for k in range(1, end) if k not in self._offsets]
+        if missing:
+          raise ValueError(
+            f"{self.rec_path}: the meta record lists image records 1..{end - 1}, but "
+            f"{len(missing)} of them (first: {missing[0]}) are not in the index"
+          )
+        return list(range(1, end))
+    return self.keys
 
-    def close(self) -> None:
-        self._file.close()
+  def close(self) -> None:
+    self._file.close()
 
-    def __enter__(self) -> "IndexedRecordReader":
-        return self
+  def __enter__(self) -> "IndexedRecordReader":
+    return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+  def __exit__(self, *exc_info) -> None:
+    self.close()

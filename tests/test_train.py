@@ -135,7 +135,7 @@ def test_unknown_config_key_is_one_clear_line():
   config.unlock()
   config.loss.margn = 0.3
   with pytest.raises(ValueError, match=r"Unknown config key 'loss.margn'; valid keys under "
-                                       r"'loss' are: auto_margin, kind, m, s\."):
+                                       r"'loss' are: auto_margin, h, kind, l_a, .*, m, "):
     config_lib.validate_config(config)
 
 
