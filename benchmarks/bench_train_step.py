@@ -21,9 +21,10 @@ reported, not fatal) that this process drives, so the timed steps run in alterna
 table reports the median round. Both use every CPU core: XLA's thread pool by default, PyTorch by
 torch.set_num_threads(os.cpu_count()). PyTorch's memory format (contiguous, channels_last) and
 OpenMP wait policy (as set, PASSIVE) are by default chosen per model by timing each after the
-warm-up. The 1-minute load average is printed: on a CPU shared with other work the rates are noisy.
+warm-up; --torch_compile adds torch.compile (Inductor) to PyTorch's forward and loss. The 1-minute
+load average is printed: on a CPU shared with other work the rates are noisy.
 
-  python -m benchmarks.bench_train_step                 # tiny + mobilefacenet, ~3 min on 2 cores
+  python -m benchmarks.bench_train_step                 # tiny + mobilefacenet, ~2.5 min, 2 cores
   python -m benchmarks.bench_train_step --quick         # smoke test, ~1 min
   python -m benchmarks.bench_train_step --models=tiny,mobilefacenet,iresnet50
   python -m benchmarks.bench_train_step --dtype=bfloat16 --device=cuda --batch_size=256   # GPU
@@ -38,6 +39,7 @@ import argparse
 import functools
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
@@ -55,7 +57,7 @@ from adam_face.models.mobilefacenet import BOTTLENECKS, MobileFaceNet
 from configs import default
 
 ARCFACE_S, ARCFACE_M = 64.0, 0.5
-# Per-model defaults that keep the default run under 10 minutes on 2 CPU cores.
+# Per-model defaults that keep the default run to a few minutes on 2 CPU cores.
 DEFAULT_BATCH = {"tiny": 64, "mobilefacenet": 16}
 DEFAULT_BATCH_OTHER = 8
 # The demo trains `tiny` with 128-d embeddings (configs/demo.py); the larger models use 512.
@@ -447,7 +449,7 @@ def _torch_worker(conn, layout: dict, options: dict) -> None:
 
 
 class TorchCrashed(RuntimeError):
-  pass
+  """PyTorch's child process died (e.g. a segfault inside PyTorch)."""
 
 
 class TorchProcess:
@@ -459,9 +461,7 @@ class TorchProcess:
   """
 
   def __init__(self, layout: dict, *, env: dict[str, str], **options):
-    import multiprocessing  # Spawned, not forked: this process has live JAX threads.
-
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("spawn")  # Not forked: this process has JAX threads.
     self._conn, child_conn = context.Pipe()
     self._process = context.Process(target=_torch_worker, args=(child_conn, layout, options),
                                     daemon=True)

@@ -30,13 +30,18 @@ def _with_loss(config, kind, s, m, auto_margin):
   return config
 
 
-def webface(kind: str, s: float, m, auto_margin: bool = False) -> ml_collections.ConfigDict:
+def _iresnet50_b512(dataset: str, eval_every_steps: int) -> ml_collections.ConfigDict:
   config = default.get_config()
-  config.dataset.name = "casia_webface"
+  config.dataset.name = dataset
   config.verification.sets = _VERIFICATION_SETS
-  config.verification.eval_every_steps = 4_000
+  config.verification.eval_every_steps = eval_every_steps
   config.model.name = "iresnet50"
   config.global_batch_size = 512
+  return config
+
+
+def webface(kind: str, s: float, m, auto_margin: bool = False) -> ml_collections.ConfigDict:
+  config = _iresnet50_b512("casia_webface", eval_every_steps=4_000)
   config.num_train_steps = 32_000
   config.optimizer.schedule = "step"
   config.optimizer.step_boundaries = (20_000, 28_000)
@@ -44,12 +49,7 @@ def webface(kind: str, s: float, m, auto_margin: bool = False) -> ml_collections
 
 
 def vggface2(kind: str, s: float, m, auto_margin: bool = False) -> ml_collections.ConfigDict:
-  config = default.get_config()
-  config.dataset.name = "vggface2"
-  config.verification.sets = _VERIFICATION_SETS
-  config.verification.eval_every_steps = 10_000
-  config.model.name = "iresnet50"
-  config.global_batch_size = 512
+  config = _iresnet50_b512("vggface2", eval_every_steps=10_000)
   config.num_epochs = 20
   config.optimizer.schedule = "polynomial"
   return _with_loss(config, kind, s, m, auto_margin)
