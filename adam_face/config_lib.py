@@ -70,6 +70,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     losses.validate_auto_margin(config.loss.kind, target=am.target, rate=am.rate,
                                 momentum=am.momentum, m_min=am.m_min, m_max=am.m_max,
                                 m=config.loss.m)
+    if am.warmup_steps < 0:
+      raise ValueError(f"config.loss.auto_margin.warmup_steps={am.warmup_steps} must be >= 0.")
   if not 0.0 < config.head.sample_rate <= 1.0:
     raise ValueError(f"config.head.sample_rate={config.head.sample_rate} must be in (0, 1].")
   for path in ("global_batch_size", "log_every_steps", "checkpoint_every_steps",

@@ -35,7 +35,9 @@ batch's acc_margin with decay `momentum`. After every step
 
 so m rises while the batch stays classified correctly *with* the margin more often than `target`
 (the margin is too easy), and falls while it does not (the margin is too hard). The average starts at
-`target`, so the margin holds still until evidence accumulates. It applies to the additive kinds
+`target`, so the margin holds still until evidence accumulates, and the training step holds m for
+the first `auto_margin.warmup_steps` steps (the average keeps tracking), since acc_margin is near 0
+early in training whatever the margin. It applies to the additive kinds
 (arcface, cosface, adm); m is a float32 array so the update runs inside the jitted train step and is
 checkpointed with the train state.
 """
@@ -202,10 +204,15 @@ def init_auto_margin(m: float, target: float) -> dict[str, jax.Array]:
 
 def update_auto_margin(state: Mapping[str, jax.Array], batch_acc_margin: jax.Array, *,
                        target: float, rate: float, momentum: float, m_min: float,
-                       m_max: float) -> dict[str, jax.Array]:
-  """One auto-margin step (see the module docstring). Pure and jit-compatible."""
+                       m_max: float, hold: Any = False) -> dict[str, jax.Array]:
+  """One auto-margin step (see the module docstring). Pure and jit-compatible.
+
+  `hold` (a bool, or a bool array under jit) keeps m as it is while the average still tracks
+  acc_margin: early in training acc_margin is near 0 whatever the margin, and steering on it then
+  would only drive m to m_min.
+  """
   ema = momentum * state["acc_margin_ema"] + (1.0 - momentum) * batch_acc_margin
-  m = jnp.clip(state["m"] + rate * (ema - target), m_min, m_max)
+  m = jnp.where(hold, state["m"], jnp.clip(state["m"] + rate * (ema - target), m_min, m_max))
   return {"m": m.astype(jnp.float32), "acc_margin_ema": ema.astype(jnp.float32)}
 
 

@@ -168,7 +168,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: flax.li
   if am.enabled:
     new_margin = losses.update_auto_margin(state.margin, metrics["acc_margin"], target=am.target,
                                            rate=am.rate, momentum=am.momentum, m_min=am.m_min,
-                                           m_max=am.m_max)
+                                           m_max=am.m_max, hold=state.step < am.warmup_steps)
   metrics = dict(metrics, loss=loss, margin=jnp.asarray(margin, jnp.float32),
                  learning_rate=learning_rate_fn(state.step),
                  grad_norm=optax.tree.norm(grads["backbone"]),

@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.auto_margin.momentum = 0.99  # EMA decay of acc_margin (about 100 steps).
   config.loss.auto_margin.m_min = 0.0
   config.loss.auto_margin.m_max = 0.8
+  config.loss.auto_margin.warmup_steps = 0  # m is held this long (acc_margin starts near 0).
   # Parameters of the modern kinds (adam_face/modern_losses.py; the papers' defaults):
   config.loss.num_subcenters = 3  # subcenter_arcface: K sub-centres per class.
   config.loss.t_alpha = 0.01  # curricularface / adaface: weight of the batch in running stats.

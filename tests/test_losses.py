@@ -252,3 +252,13 @@ def test_auto_margin_validation():
   with pytest.raises(ValueError, match="m_min <= m <= m_max"):
     losses.validate_auto_margin("adm", **{**AM, "m_max": 0.2}, m=0.3)
   losses.validate_auto_margin("adm", m=0.3, **AM)
+
+
+def test_auto_margin_hold_keeps_m_but_tracks_the_average():
+  state = losses.init_auto_margin(0.3, AM["target"])
+  held = jax.jit(lambda st, a, h: losses.update_auto_margin(st, a, **AM, hold=h))(
+      state, jnp.float32(0.0), jnp.bool_(True))
+  assert float(held["m"]) == pytest.approx(0.3)
+  assert float(held["acc_margin_ema"]) < AM["target"]
+  moved = losses.update_auto_margin(held, jnp.float32(0.0), **AM, hold=False)
+  assert float(moved["m"]) < 0.3
