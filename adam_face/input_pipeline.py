@@ -34,6 +34,7 @@ from typing import Iterator
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -76,14 +77,25 @@ def prepared_builder(
   data_dir and manual_dir None or "" mean TFDS's defaults (configs write ""). A builder whose
   manual data is missing raises FileNotFoundError saying which files to put where.
   """
-  # TFDS would take "" as the current directory.
-  builder = tfds.builder(
-    name, data_dir=data_dir or None, try_gcs=False, **dict(builder_kwargs or {})
-  )
-  builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
-  )
-  return builder
+
+  def prepare():
+    # TFDS would take "" as the current directory.
+    builder = tfds.builder(
+      name, data_dir=data_dir or None, try_gcs=False, **dict(builder_kwargs or {})
+    )
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+    )
+    return builder
+
+  if jax.process_count() == 1:
+    return prepare()
+  # Several processes: on a shared filesystem only one may write the dataset (concurrent builds
+  # collide renaming their output). Process 0 builds; the others then find it ready, or build
+  # their own copy where each host has its own disk.
+  builder = prepare() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(f"adam_face: {name} prepared")
+  return builder or prepare()
 
 
 def _builder(dataset_config) -> tfds.core.DatasetBuilder:

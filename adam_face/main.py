@@ -31,6 +31,8 @@ def main(argv):
   if multihost is None:
     multihost = any(os.environ.get(v) for v in _CLUSTER_VARIABLES)
   if multihost:
+    # Cross-process collectives of the CPU backend (GPU and TPU bring their own).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize()
   from adam_face import train  # pylint: disable=g-import-not-at-top
 

@@ -121,7 +121,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step_fn = jax.jit(
       functools.partial(ts.train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn,
                         mesh=mesh, num_classes=num_classes, config=config),
-      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+      # Metrics replicated, so every process can read them (the per-sample angles included).
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, NamedSharding(mesh, P())),
       donate_argnums=0)
   batches = input_pipeline.create_train_iterator(
       config.dataset, global_batch_size=config.global_batch_size, seed=config.seed,

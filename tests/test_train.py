@@ -14,33 +14,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from adam_face import config_lib, evaluate, input_pipeline, train
-from configs import demo
 from conftest import REPO_ROOT
-
-TINY_DATA = {"num_identities": 16, "images_per_identity": 4, "num_heldout_identities": 4,
-             "heldout_images_per_identity": 3, "image_size": 32}
-
-
-def tiny_demo_config(**overrides):
-  config = demo.get_config()
-  config.dataset.builder_kwargs = dict(TINY_DATA)
-  config.dataset.image_size = 32
-  config.dataset.shuffle_buffer = 64
-  config.global_batch_size = 16
-  config.num_train_steps = 8
-  config.checkpoint_every_steps = 3
-  config.log_every_steps = 4
-  config.verification.batch_size = 16
-  config.verification.eval_every_steps = 4
-  config.optimizer.warmup_steps = 2
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return config
-
+from tiny_config import TINY_DATA, tiny_demo_config
 
 def _params(workdir):
   with ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints"))) as manager:
