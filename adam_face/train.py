@@ -82,6 +82,8 @@ def _evaluate(evaluator, model, state, step, writer, workdir, best):
   writer.write_scalars(step, {f"best/{k}": v for k, v in best.items()})
   if jax.process_index() == 0:
     evaluation.plot_roc(result.curves, os.path.join(workdir, "roc.png"))
+    with open(os.path.join(workdir, "best.json"), "w") as f:  # Survives a restart.
+      json.dump(best, f, indent=2)
   logging.info("Verification at step %d:\n%s", step, evaluation.format_table(result.metrics))
   return result
 
@@ -141,7 +143,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                              every_steps=config.log_every_steps)
   preemption = _PreemptionFlag()
+  best_path = os.path.join(workdir, "best.json")
   best: dict[str, float] = {}
+  if start_step and os.path.exists(best_path):
+    with open(best_path) as f:
+      best = json.load(f)
   window_metrics, window_start = [], time.perf_counter()
   step = last_saved = start_step
   try:

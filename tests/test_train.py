@@ -63,6 +63,8 @@ def test_crash_then_resume_gives_identical_parameters(uninterrupted, tmp_path, m
   monkeypatch.setattr(input_pipeline, "create_train_iterator", real_iterator)
   train.train_and_evaluate(tiny_demo_config(), workdir)
 
+  best = json.load(open(os.path.join(workdir, "best.json")))
+  assert set(best) == {"synthetic/accuracy"}, "best-so-far survives the restart"
   (step_a, a), (step_b, b) = _params(reference_dir), _params(workdir)
   assert step_a == step_b == 8
   flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
