@@ -80,7 +80,8 @@ def init_centers(key: jax.Array, num_classes: int, embedding_dim: int, mesh: Mes
   return init(key)
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
+def l2_normalize(x: jax.Array) -> jax.Array:
+  """Rows scaled to unit norm, in float32 (a zero row stays finite)."""
   x = x.astype(jnp.float32)
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
@@ -174,8 +175,8 @@ def margin_head_loss(centers: jax.Array, embeddings: jax.Array, labels: jax.Arra
       sampled = jnp.zeros(per_shard, bool).at[idx].set(True)
     else:
       sampled = jnp.ones(per_shard, bool)
-    cos = jnp.dot(_l2_normalize(emb).astype(compute_dtype),
-                  _l2_normalize(centers_local).astype(compute_dtype).T,
+    cos = jnp.dot(l2_normalize(emb).astype(compute_dtype),
+                  l2_normalize(centers_local).astype(compute_dtype).T,
                   preferred_element_type=jnp.float32)
     if num_subcenters > 1:
       cos = jnp.max(cos.reshape(cos.shape[0], per_shard, num_subcenters), axis=-1)

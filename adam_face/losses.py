@@ -79,7 +79,8 @@ def monotone_cos(phi: jax.Array) -> jax.Array:
   return sign * jnp.cos(phi) - 2.0 * k
 
 
-def _is_static(x) -> bool:
+def is_static(x) -> bool:
+  """True for a concrete value (checkable now), False for a tracer inside jit."""
   return not isinstance(x, jax.core.Tracer)
 
 
@@ -87,7 +88,7 @@ def validate_margin(kind: str, s: Any, m: Any) -> None:
   """Raises ValueError for an unknown kind, or a static s or m outside its valid range."""
   if kind not in KINDS:
     raise ValueError(f"Unknown loss kind {kind!r}; valid kinds are {', '.join(KINDS)}.")
-  if _is_static(s) and not np.all(np.asarray(s) > 0):
+  if is_static(s) and not np.all(np.asarray(s) > 0):
     raise ValueError(f"Scale s must be > 0 (typically 16..64), got {s}.")
   if kind == "combined":
     if not (isinstance(m, (tuple, list)) and len(m) == 3):
@@ -102,7 +103,7 @@ def validate_margin(kind: str, s: Any, m: Any) -> None:
     if not (isinstance(m, (int, np.integer)) and m >= 1):
       raise ValueError(f"kind='sphereface' takes an integer m >= 1 (e.g. 4), got {m!r}.")
     return
-  if not _is_static(m):
+  if not is_static(m):
     return  # A traced margin (auto-margin) is kept in range by its own update.
   if kind == "normface":
     if m not in (None, 0, 0.0):
@@ -114,9 +115,9 @@ def validate_margin(kind: str, s: Any, m: Any) -> None:
     raise ValueError(f"Margin m for kind={kind!r} must be a scalar in [0, {upper:.4g}], got {m!r}.")
 
 
-def _check_labels(labels, num_classes: int) -> None:
+def check_labels(labels, num_classes: int) -> None:
   """Refuses labels outside [0, num_classes) whenever they are concrete (not traced)."""
-  if not _is_static(labels):
+  if not is_static(labels):
     return
   labels = np.asarray(labels)
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
@@ -171,7 +172,7 @@ def apply_target_margin(cos: jax.Array, target_mask: jax.Array, *, kind: str, s:
 def margin_logits(cos: jax.Array, labels: jax.Array, *, kind: str, s: Any, m: Any) -> jax.Array:
   """Scaled logits [B, C] (float32) in which only the target column carries the margin."""
   validate_margin(kind, s, m)
-  _check_labels(labels, cos.shape[-1])
+  check_labels(labels, cos.shape[-1])
   target_mask = labels[:, None] == jnp.arange(cos.shape[-1])[None, :]
   return apply_target_margin(cos, target_mask, kind=kind, s=s, m=m)
 

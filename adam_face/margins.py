@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from adam_face import classifier
 from adam_face import modern_losses as ml
 
 KINDS = ml.KINDS
@@ -37,9 +38,8 @@ def init_loss_state(loss_config: ml_collections.ConfigDict) -> dict[str, jax.Arr
 def target_cosines(embeddings: jax.Array, centers: jax.Array, labels: jax.Array,
                    num_subcenters: int = 1) -> jax.Array:
   """cos(embedding_i, centre of its label) [B], without gradient (for running statistics)."""
-  emb = embeddings / jnp.linalg.norm(embeddings, axis=-1, keepdims=True).clip(1e-6)
-  rows = centers.reshape(-1, num_subcenters, centers.shape[-1])[labels]
-  rows = rows / jnp.linalg.norm(rows, axis=-1, keepdims=True).clip(1e-6)
+  emb = classifier.l2_normalize(embeddings)
+  rows = classifier.l2_normalize(centers.reshape(-1, num_subcenters, centers.shape[-1])[labels])
   return jax.lax.stop_gradient(jnp.max(jnp.einsum("bd,bkd->bk", emb, rows), axis=-1))
 
 

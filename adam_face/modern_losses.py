@@ -65,23 +65,19 @@ PAPER_DEFAULTS: Mapping[str, Mapping[str, float]] = {
 # ------------------------------------------------------------------------------ shared pieces
 
 
-def _is_static(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
 def _check_scale(s) -> None:
-  if _is_static(s) and not np.all(np.asarray(s) > 0):
+  if losses.is_static(s) and not np.all(np.asarray(s) > 0):
     raise ValueError(f"Scale s must be > 0 (the papers use 64), got {s}.")
 
 
 def _check_range(name: str, value, low: float, high: float, hint: str) -> None:
   """Raises unless low <= value <= high, for a concrete value."""
-  if _is_static(value) and not (np.ndim(value) == 0 and low <= float(value) <= high):
+  if losses.is_static(value) and not (np.ndim(value) == 0 and low <= float(value) <= high):
     raise ValueError(f"{name} must be a scalar in [{low:.4g}, {high:.4g}] ({hint}), got {value!r}.")
 
 
 def _check_rate(name: str, value) -> None:
-  if _is_static(value) and not (np.ndim(value) == 0 and 0.0 < float(value) <= 1.0):
+  if losses.is_static(value) and not (np.ndim(value) == 0 and 0.0 < float(value) <= 1.0):
     raise ValueError(f"{name} is the weight of the new batch statistic in a moving average and "
                      f"must lie in (0, 1] (the papers use 0.01), got {value!r}.")
 
@@ -90,12 +86,7 @@ def _target_cosines(cos: jax.Array, labels: jax.Array):
   """(cos float32 [B, C], cos_target [B], target_mask [B, C]) after checking shapes and labels."""
   if cos.ndim != 2 or labels.ndim != 1 or labels.shape[0] != cos.shape[0]:
     raise ValueError(f"Expected cos [B, C] and labels [B]; got {cos.shape} and {labels.shape}.")
-  if _is_static(labels):
-    concrete = np.asarray(labels)
-    bad = concrete[(concrete < 0) | (concrete >= cos.shape[1])]
-    if bad.size:
-      raise ValueError(f"Labels must lie in [0, {cos.shape[1]}); got {bad[:5].tolist()} "
-                       f"({bad.size} out of range). Check num_classes against the dataset.")
+  losses.check_labels(labels, cos.shape[1])
   cos = jnp.asarray(cos, jnp.float32)
   target_mask = labels[:, None] == jnp.arange(cos.shape[1])[None, :]
   cos_target = jnp.sum(jnp.where(target_mask, cos, 0.0), axis=-1)
@@ -329,7 +320,7 @@ def adaface_loss(cos: jax.Array, labels: jax.Array, feature_norm: jax.Array,
 
 def _check_magface(l_a, u_a, l_m, u_m) -> None:
   values = (l_a, u_a, l_m, u_m)
-  if all(_is_static(v) for v in values):
+  if all(losses.is_static(v) for v in values):
     l_a, u_a, l_m, u_m = (float(v) for v in values)
     if not (0 < l_a < u_a and 0 <= l_m <= u_m < math.pi):
       raise ValueError(f"MagFace needs 0 < l_a < u_a and 0 <= l_m <= u_m < pi; got l_a={l_a}, "
@@ -368,7 +359,7 @@ def magface_regularizer(feature_norm: jax.Array, *, l_a: Any, u_a: Any) -> jax.A
   g is convex and decreasing on [l_a, u_a], rewarding large magnitudes; the loss adds
   lambda_g * mean(g). Gradients flow into the feature norm (none outside [l_a, u_a]).
   """
-  if _is_static(l_a) and _is_static(u_a) and not 0 < float(l_a) < float(u_a):
+  if losses.is_static(l_a) and losses.is_static(u_a) and not 0 < float(l_a) < float(u_a):
     raise ValueError(f"MagFace needs 0 < l_a < u_a (the paper: 10, 110); got {l_a}, {u_a}.")
   a = jnp.clip(jnp.asarray(feature_norm, jnp.float32), l_a, u_a)
   return 1.0 / a + a / (u_a * u_a)
@@ -380,7 +371,7 @@ def magface_loss(cos: jax.Array, labels: jax.Array, feature_norm: jax.Array, *, 
 
   metrics also hold 'regularizer' (mean g) and 'margin' (mean m(a)).
   """
-  if _is_static(lambda_g) and not float(lambda_g) >= 0:
+  if losses.is_static(lambda_g) and not float(lambda_g) >= 0:
     raise ValueError(f"MagFace lambda_g must be >= 0 (the paper uses 35), got {lambda_g}.")
   cos, cos_target, target_mask = _target_cosines(cos, labels)
   feature_norm = _check_rows("feature_norm", feature_norm, cos.shape[0])
@@ -404,7 +395,7 @@ def elasticface_margins(key: jax.Array, batch_size: int, *, m: Any, sigma: Any) 
   (sigma = 0.05 in the paper), relaxing the fixed decision boundary. In the class-sharded head use
   the same key on every device, so that each row gets one margin.
   """
-  if _is_static(sigma) and not (np.ndim(sigma) == 0 and float(sigma) >= 0):
+  if losses.is_static(sigma) and not (np.ndim(sigma) == 0 and float(sigma) >= 0):
     raise ValueError(f"ElasticFace sigma must be a scalar >= 0 (the paper uses 0.05), got {sigma}.")
   if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
     raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
