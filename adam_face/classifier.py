@@ -211,16 +211,23 @@ def margin_head_loss(centers: jax.Array, embeddings: jax.Array, labels: jax.Arra
   return sharded(centers, embeddings, labels, margin, sample_key, feature_norm)
 
 
-def keep_unsampled_rows(new_tree: Any, old_tree: Any, sampled: jax.Array) -> Any:
+def keep_unsampled_rows(new_tree: Any, old_tree: Any, sampled: Sequence[jax.Array]) -> Any:
   """Restores every 'centers' leaf row (params or optimiser state) that was not sampled.
 
-  Applied to (params, opt_state) after the optimiser step, it makes Partial FC's update lazy:
-  unsampled centres keep their value, momentum and moments bit for bit.
+  `sampled` holds one mask per head: the centres of head k are the 'centers' leaves under
+  sequence index k (params['head'][k] and its mirrors in the optimiser state). Applied to
+  (params, opt_state) after the optimiser step, it makes Partial FC's update lazy: unsampled
+  centres keep their value, momentum and moments bit for bit.
   """
 
   def restore(path, new, old):
-    if any(getattr(k, "key", None) == "centers" for k in path) and new.shape[:1] == sampled.shape:
-      return jnp.where(sampled.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-    return new
+    keys = [getattr(k, "key", None) for k in path]
+    if "centers" not in keys:
+      return new
+    position = keys.index("centers")
+    mask = sampled[getattr(path[position - 1], "idx", 0) if position else 0]
+    if new.shape[:1] != mask.shape:
+      return new
+    return jnp.where(mask.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
 
   return jax.tree_util.tree_map_with_path(restore, new_tree, old_tree)

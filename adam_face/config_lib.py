@@ -34,30 +34,79 @@ def default_config() -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+def _flatten(config: Any, prefix: str = "", free_form: tuple[str, ...] = _FREE_FORM
+             ) -> dict[str, Any]:
   flat = {}
   for key, value in config.items():
     path = f"{prefix}{key}"
-    if isinstance(value, ml_collections.ConfigDict) and path not in _FREE_FORM:
-      flat.update(_flatten(value, path + "."))
+    if isinstance(value, ml_collections.ConfigDict) and path not in free_form:
+      flat.update(_flatten(value, path + ".", free_form))
     else:
       flat[path] = value
   return flat
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises a one-line ValueError for unknown keys, invalid choices or impossible values."""
-  defaults = default_config()
-  known = _flatten(defaults)
-  given = _flatten(config)
+def _check_known_keys(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict,
+                      where: str, free_form: tuple[str, ...] = _FREE_FORM) -> None:
+  given, known = _flatten(config, free_form=free_form), _flatten(defaults, free_form=free_form)
   for path in sorted(given):
     if path not in known:
       parent = path.rpartition(".")[0]
       siblings = defaults
       for key in parent.split(".") if parent else ():
         siblings = siblings[key]
-      raise ValueError(f"Unknown config key {path!r}; valid keys under "
-                       f"{parent or 'the top level'!r} are: {', '.join(sorted(siblings))}.")
+      raise ValueError(f"Unknown config key {where}{path!r}; valid keys under "
+                       f"{where}{parent or 'the top level'!r} are: {', '.join(sorted(siblings))}.")
+
+
+def training_datasets(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, ...]:
+  """config.dataset, then each of config.extra_datasets completed from the default dataset fields
+  (they share config.dataset.image_size: the batch is one array)."""
+  datasets = [config.dataset]
+  for i, entry in enumerate(config.extra_datasets):
+    where = f"extra_datasets[{i}] "
+    if not isinstance(entry, (dict, ml_collections.ConfigDict)) or "name" not in entry:
+      raise ValueError(f"config.{where}must be a dict with at least a 'name' (a TFDS builder), "
+                       f"got {entry!r}.")
+    entry = ml_collections.ConfigDict(dict(entry))
+    defaults = default_config().dataset
+    _check_known_keys(entry, defaults, where, free_form=("builder_kwargs",))
+    if "image_size" in entry and entry.image_size != config.dataset.image_size:
+      raise ValueError(f"config.{where}sets image_size={entry.image_size}, but every training "
+                       f"dataset is read at config.dataset.image_size={config.dataset.image_size};"
+                       " drop the key.")
+    defaults.update(entry)
+    defaults.image_size = config.dataset.image_size
+    datasets.append(defaults)
+  names = [d.name for d in datasets]
+  if len(set(names)) < len(names):
+    raise ValueError(f"Training datasets {names} repeat a name; each dataset (and its head) is "
+                     "named by its TFDS builder, so list each once.")
+  return tuple(datasets)
+
+
+def dataset_batch_sizes(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Images of each training dataset in every global batch: global_batch_size in proportion to
+  the weights; a one-line ValueError when that is not whole numbers."""
+  datasets = training_datasets(config)
+  weights = [float(d.weight) for d in datasets]
+  if any(w <= 0 for w in weights):
+    raise ValueError(f"Dataset weights {weights} must all be > 0 (dataset.weight and "
+                     "extra_datasets[i]['weight']).")
+  shares = [config.global_batch_size * w / sum(weights) for w in weights]
+  sizes = tuple(int(round(share)) for share in shares)
+  if any(abs(share - size) > 1e-6 for share, size in zip(shares, sizes)):
+    raise ValueError(
+        f"Dataset weights {weights} split global_batch_size={config.global_batch_size} into "
+        f"{[round(x, 2) for x in shares]} images; choose weights or a batch size that give whole "
+        "numbers.")
+  return sizes
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a one-line ValueError for unknown keys, invalid choices or impossible values."""
+  _check_known_keys(config, default_config(), "")
+  given = _flatten(config)
   for path, choices in _CHOICES.items():
     if given[path] not in choices:
       raise ValueError(f"config.{path}={given[path]!r} is not one of {', '.join(choices)}.")
@@ -80,17 +129,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{path}={given[path]} must be a positive integer.")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("Set config.num_train_steps > 0 or config.num_epochs > 0.")
+  dataset_batch_sizes(config)
 
 
 def validate_for_mesh(config: ml_collections.ConfigDict, num_devices: int,
                       num_processes: int) -> None:
   """The global batches must split evenly over the devices and processes of the mesh."""
-  for path, size in (("global_batch_size", config.global_batch_size),
-                     ("verification.batch_size", config.verification.batch_size)):
+  sizes = [("config.global_batch_size", config.global_batch_size),
+           ("config.verification.batch_size", config.verification.batch_size)]
+  if config.extra_datasets:  # Every dataset's share of the batch is sharded over the devices.
+    sizes += [(f"{d.name}'s share of the batch (its weight)", size)
+              for d, size in zip(training_datasets(config), dataset_batch_sizes(config))]
+  for path, size in sizes:
     if size % num_devices or size % num_processes:
       step = math.lcm(num_devices, num_processes)
       raise ValueError(
-          f"config.{path}={size} is not divisible by the {num_devices} devices "
+          f"{path}={size} is not divisible by the {num_devices} devices "
           f"({num_processes} processes); use a multiple of {step}, e.g. "
           f"{max(step, size // step * step)}.")
 

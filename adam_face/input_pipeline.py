@@ -22,7 +22,8 @@ dataset_config fields read (an ml_collections.ConfigDict; default_dataset_config
   image_size      side of the square images produced.
   augment         flip (bool): random horizontal flip; brightness (float, max change as a fraction
                   of full scale), contrast and saturation (float s: factor drawn from [1-s, 1+s]);
-                  0 turns one off.
+                  crop (float c: a random square window of side in [1-c, 1] of the image,
+                  resized back); 0 turns one off.
   shuffle_buffer  records in the shuffle buffer (capped at the process's record count).
   builder_kwargs  dict passed to the builder, e.g. synthetic_faces sizes or image_folder root.
   manual_dir      (optional) where manually downloaded data lies; None or "" for TFDS's
@@ -40,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from adam_face import config_lib
 # Importing the datasets package registers all its builders with TFDS.
 from datasets import face_verification
 from datasets import image_folder
@@ -47,24 +49,14 @@ from datasets import pairs
 
 PIXEL_MEAN = 127.5
 PIXEL_SCALE = 128.0
-AUGMENTATIONS = ("flip", "brightness", "contrast", "saturation")
+AUGMENTATIONS = ("flip", "brightness", "contrast", "saturation", "crop")
 VERIFICATION_SETS = face_verification.SETS + ("synthetic", "orl")
 
 
 def default_dataset_config(**overrides) -> ml_collections.ConfigDict:
-  """The built-in default: synthetic_faces at 112x112 with random flips."""
-  config = ml_collections.ConfigDict(
-    {
-      "name": "synthetic_faces",
-      "data_dir": None,
-      "split": "train",
-      "image_size": 112,
-      "augment": {"flip": True, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0},
-      "shuffle_buffer": 10_000,
-      "builder_kwargs": {},
-      "manual_dir": None,
-    }
-  )
+  """configs/default.py's dataset section (synthetic_faces at 112x112 with random flips), with
+  `overrides` applied."""
+  config = config_lib.default_config().dataset
   config.update(overrides)
   return config
 
@@ -169,6 +161,16 @@ def augment_image(image: tf.Tensor, key: tf.Tensor, augment) -> tf.Tensor:
         image, 1 - saturation, 1 + saturation, seed=keys[3]
       )
     image = tf.clip_by_value(image, 0.0, 1.0) * 255.0
+  crop = augment.get("crop", 0.0)
+  if crop:
+    # A square window of side f * S, f ~ U[1 - crop, 1], placed uniformly, resized back to S:
+    # small shifts and zooms, as a detector's box jitters around an aligned face.
+    side, y, x = tf.unstack(tf.random.stateless_uniform([3], seed=keys[4]))
+    side = 1.0 - crop * side
+    box = tf.stack([y * (1.0 - side), x * (1.0 - side)])
+    box = tf.concat([box, box + side], axis=0)[None]
+    size = tf.shape(image)[:2]
+    image = tf.image.crop_and_resize(image[None], box, [0], size)[0]
   return image
 
 
@@ -293,6 +295,51 @@ def create_train_iterator(
   return ds.as_numpy_iterator()
 
 
+def dataset_seed(seed: int, index: int) -> int:
+  """The stream seed of training dataset `index`: the run's seed for the first (so one dataset
+  trains exactly as without fusion), an unrelated one drawn from (seed, index) for the others."""
+  return seed if index == 0 else _seed_from(seed, index)
+
+
+def create_fused_train_iterator(
+  dataset_configs, *, batch_sizes, seed: int, start_step: int = 0
+) -> Iterator[dict[str, np.ndarray]]:
+  """Batches holding batch_sizes[k] images of dataset_configs[k] each (dataset fusion).
+
+  A global batch is split over the mesh's devices by rows. Here device d's rows are its share of
+  dataset 0, then its share of dataset 1, ..., so every dataset is sharded evenly over the devices
+  and `train_step.split_by_dataset` recovers each dataset's rows without moving data between
+  devices. Labels stay each dataset's own class ids. Each dataset is its own deterministic stream
+  (seeded by dataset_seed), so a run resumed at start_step sees exactly the batches it would have
+  seen.
+  """
+  if len(dataset_configs) == 1:
+    return create_train_iterator(
+      dataset_configs[0], global_batch_size=batch_sizes[0], seed=seed, start_step=start_step
+    )
+  streams = [
+    create_train_iterator(
+      dataset_config,
+      global_batch_size=batch_size,
+      seed=dataset_seed(seed, k),
+      start_step=start_step,
+    )
+    for k, (dataset_config, batch_size) in enumerate(zip(dataset_configs, batch_sizes))
+  ]
+  local_devices = jax.local_device_count()
+
+  def device_major(parts):
+    blocks = [part.reshape((local_devices, -1) + part.shape[1:]) for part in parts]
+    return np.concatenate(blocks, axis=1).reshape((-1,) + parts[0].shape[1:])
+
+  def fused():
+    while True:
+      batches = [next(stream) for stream in streams]
+      yield {key: device_major([batch[key] for batch in batches]) for key in batches[0]}
+
+  return fused()
+
+
 def _decoded_uint8(
   ds: tf.data.Dataset, image_keys: tuple[str, ...], image_size: int, other_keys: tuple[str, ...]
 ) -> dict[str, np.ndarray]:
@@ -332,6 +379,14 @@ def _pairs_of(images: np.ndarray, identities: np.ndarray, **pair_kwargs) -> dict
   }
 
 
+def _balanced_pairs_of(images: np.ndarray, identities: np.ndarray) -> dict[str, np.ndarray]:
+  """Every genuine pair and as many seeded impostor pairs, as LFW balances them: with every
+  impostor pair (91 % of ORL's) accuracy would mostly score a threshold that rejects everything."""
+  counts = np.unique(identities, return_counts=True)[1]
+  num_genuine = int(sum(n * (n - 1) // 2 for n in counts))
+  return _pairs_of(images, identities, num_impostor_pairs=num_genuine)
+
+
 def load_verification_set(
   name: str,
   *,
@@ -346,8 +401,8 @@ def load_verification_set(
   Args:
     name: one of VERIFICATION_SETS. 'lfw', 'cfp_fp', ... read face_verification/<name>;
       'synthetic' pairs the held-out identities of synthetic_faces (every genuine pair and as
-      many impostor pairs, seeded), 'orl' every pair among ORL's s31..s40 (450 genuine, 4,500
-      impostor; at 112x112 the two image arrays take 370 MB), both in 10 folds.
+      many impostor pairs, seeded), 'orl' ORL's s31..s40 (all 450 genuine pairs and 450 seeded
+      impostor pairs), both in 10 folds.
     data_dir: TFDS data directory (None: TFDS's default).
     image_size: side of the square images returned.
     builder_kwargs: for 'synthetic', the synthetic_faces sizes used in training.
@@ -374,14 +429,11 @@ def load_verification_set(
   if name == "synthetic":
     builder = prepared_builder("synthetic_faces", data_dir=data_dir, builder_kwargs=builder_kwargs)
     heldout = _images_of(builder, "heldout", image_size)
-    num_genuine = int(
-      sum(n * (n - 1) // 2 for n in np.unique(heldout["identity"], return_counts=True)[1])
-    )
-    return _pairs_of(heldout["image"], heldout["identity"], num_impostor_pairs=num_genuine)
+    return _balanced_pairs_of(heldout["image"], heldout["identity"])
   if name == "orl":
     builder = prepared_builder("image_folder/orl", data_dir=data_dir)
     orl = _images_of(builder, "train", image_size)
     names = np.array(builder.info.features["label"].names)[orl["label"]]
     keep = np.isin(names, image_folder.ORL_VERIFICATION_IDENTITIES)
-    return _pairs_of(orl["image"][keep], names[keep])
+    return _balanced_pairs_of(orl["image"][keep], names[keep])
   raise ValueError(f"unknown verification set {name!r}; known: {VERIFICATION_SETS}")

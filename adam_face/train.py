@@ -96,12 +96,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("Mesh: %d devices on %d processes (%s), axis %r.", mesh.size, jax.process_count(),
                jax.devices()[0].platform, MESH_AXIS)
 
-  info = input_pipeline.dataset_info(config.dataset)
-  num_classes, num_examples = info["num_classes"], info["num_examples"]
+  datasets = config_lib.training_datasets(config)
+  batch_sizes = config_lib.dataset_batch_sizes(config)
+  infos = [input_pipeline.dataset_info(d) for d in datasets]
+  num_classes = tuple(info["num_classes"] for info in infos)
+  for info, batch_size in zip(infos, batch_sizes):
+    logging.info("%s: %d classes, %d examples, %d of each batch.", info["full_name"],
+                 info["num_classes"], info["num_examples"], batch_size)
   verification_sets = load_verification_sets(config)
-  total_steps = total_train_steps(config, num_examples)
-  logging.info("%d classes, %d examples; %d steps of %d images.", num_classes, num_examples,
-               total_steps, config.global_batch_size)
+  total_steps = total_train_steps(config, sum(info["num_examples"] for info in infos))
+  logging.info("%d steps of %d images.", total_steps, config.global_batch_size)
 
   model = models.create_model(config.model.name, embedding_dim=config.model.embedding_dim,
                               dtype=jnp.dtype(config.compute_dtype),
@@ -127,9 +131,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, NamedSharding(mesh, P())),
       donate_argnums=0)
-  batches = input_pipeline.create_train_iterator(
-      config.dataset, global_batch_size=config.global_batch_size, seed=config.seed,
-      start_step=start_step)
+  batches = input_pipeline.create_fused_train_iterator(
+      datasets, batch_sizes=batch_sizes, seed=config.seed, start_step=start_step)
   evaluator = evaluation.Evaluator(verification_sets, batch_size=config.verification.batch_size,
                                    mesh=mesh, flip=config.verification.flip)
 

@@ -24,7 +24,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.augment.brightness = 0.0  # Max random brightness shift, in [0, 1] of the range.
   config.dataset.augment.contrast = 0.0  # Random contrast factor in [1 - c, 1 + c].
   config.dataset.augment.saturation = 0.0  # Random saturation factor in [1 - s, 1 + s].
+  config.dataset.augment.crop = 0.0  # Random square crop of side in [1 - c, 1], resized back.
   config.dataset.builder_kwargs = ml_collections.ConfigDict()  # e.g. synthetic_faces sizes.
+  config.dataset.weight = 1.0  # Share of every batch, relative to extra_datasets' weights.
+
+  # ---- dataset fusion: more training sets whose identity lists overlap and cannot be merged.
+  # Each entry is a dict of `dataset` fields (unset ones take this file's defaults, image_size is
+  # `dataset.image_size`) and gets its own class-sharded head; a sample meets the margin loss only
+  # against its own dataset's head, and auto-margin runs per head. Every batch holds
+  # global_batch_size * weight / sum(weights) images of each dataset, e.g.
+  #   config.extra_datasets = ({"name": "casia_webface", "weight": 1.0},)
+  # An epoch (num_epochs) is as many images as all training datasets hold together.
+  config.extra_datasets = ()
 
   # ---- pair verification, run every `eval_every_steps` and at the end
   config.verification = ml_collections.ConfigDict()

@@ -118,20 +118,24 @@ def test_partial_fc_keeps_every_positive_and_the_configured_count(mesh8):
 
 
 def test_keep_unsampled_rows_makes_the_optimiser_update_lazy(mesh8):
-  params = {"head": {"centers": jnp.ones((8, 2))}, "w": jnp.ones((8, 2))}
+  """Each head (one per fused dataset) is restored with its own mask."""
+  params = {"head": ({"centers": jnp.ones((8, 2))}, {"centers": jnp.ones((4, 2))}),
+            "w": jnp.ones((8, 2))}
   tx = optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.5, momentum=0.9))
   opt_state = tx.init(params)
-  sampled = jnp.asarray([True, False] * 4)
+  sampled = (jnp.asarray([True, False] * 4), jnp.asarray([False, False, True, True]))
   grads = jax.tree.map(jnp.ones_like, params)
   updates, new_opt_state = tx.update(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)
   new_params, new_opt_state = classifier.keep_unsampled_rows(
       (new_params, new_opt_state), (params, opt_state), sampled)
-  c = np.asarray(new_params["head"]["centers"])
-  assert np.all(c[1::2] == 1.0) and np.all(c[0::2] != 1.0)
+  for head, mask in enumerate(sampled):
+    mask = np.asarray(mask)
+    c = np.asarray(new_params["head"][head]["centers"])
+    assert np.all(c[~mask] == 1.0) and np.all(c[mask] != 1.0)
+    momentum = np.asarray(new_opt_state[1][0].trace["head"][head]["centers"])
+    assert np.all(momentum[~mask] == 0) and np.all(momentum[mask] != 0)
   assert np.all(np.asarray(new_params["w"]) != 1.0), "non-head parameters are untouched"
-  momentum = np.asarray(new_opt_state[1][0].trace["head"]["centers"])
-  assert np.all(momentum[1::2] == 0) and np.all(momentum[0::2] != 0)
 
 
 def test_per_device_memory_of_head_is_one_eighth(mesh8):

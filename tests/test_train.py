@@ -40,7 +40,7 @@ def test_training_writes_results_table_and_roc(uninterrupted):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
   step, state = _params(workdir)
   assert step == 8
-  assert "acc_margin_ema" in state["margin"], "the auto-margin state is checkpointed"
+  assert "acc_margin_ema" in state["margin"][0], "the auto-margin state is checkpointed"
 
 
 def test_crash_then_resume_gives_identical_parameters(uninterrupted, tmp_path, monkeypatch):

@@ -1,0 +1,212 @@
+"""Dataset fusion: several training datasets in every batch, each with its own class-sharded head."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from adam_face import classifier, config_lib, input_pipeline, train, train_step
+from configs import default, demo_fusion
+from tiny_config import TINY_DATA, tiny_demo_config
+
+D = 16
+
+
+@pytest.fixture(scope="module")
+def mesh8():
+  assert jax.device_count() == 8, "tests/conftest.py forces 8 host devices"
+  return classifier.create_mesh()
+
+
+@pytest.fixture(scope="module")
+def folder_tree(tmp_path_factory):
+  """Six identities x four 24x24 PNG faces (flat grey levels differing per identity)."""
+  root = tmp_path_factory.mktemp("tree")
+  for identity in range(6):
+    (root / f"p{identity}").mkdir()
+    for image in range(4):
+      pixels = np.full((24, 24), 30 * identity + image, np.uint8)
+      Image.fromarray(pixels).save(root / f"p{identity}" / f"{image}.png")
+  return root
+
+
+def _fused_config(folder_tree, **overrides):
+  config = tiny_demo_config(**overrides)
+  config.extra_datasets = ({"name": "image_folder", "weight": 1.0, "shuffle_buffer": 24,
+                            "builder_kwargs": {"root": str(folder_tree)}},)
+  return config
+
+
+def test_fused_batches_split_back_into_each_datasets_own_stream(folder_tree, mesh8):
+  config = _fused_config(folder_tree, global_batch_size=32)
+  datasets = config_lib.training_datasets(config)
+  sizes = config_lib.dataset_batch_sizes(config)
+  assert sizes == (16, 16) and datasets[1].image_size == config.dataset.image_size
+  fused = input_pipeline.create_fused_train_iterator(datasets, batch_sizes=sizes, seed=3,
+                                                     start_step=2)
+  alone = [input_pipeline.create_train_iterator(
+      dataset, global_batch_size=16, seed=input_pipeline.dataset_seed(3, k), start_step=2)
+            for k, dataset in enumerate(datasets)]
+  batch = next(fused)
+  on_devices = jax.device_put(batch["label"],
+                              jax.sharding.NamedSharding(mesh8, jax.sharding.PartitionSpec("data")))
+  split = jax.jit(lambda x: train_step.split_by_dataset(x, sizes, mesh8.size))
+  for part, stream in zip(split(on_devices), alone):
+    np.testing.assert_array_equal(np.asarray(part), next(stream)["label"])
+  # The split moves no data between devices.
+  hlo = split.lower(on_devices).compile().as_text()
+  assert not any(op in hlo for op in ("all-to-all", "collective-permute", "all-gather"))
+
+
+def test_each_dataset_draws_its_own_stream():
+  """The first dataset trains as it would alone; the others are not copies of that stream."""
+  assert input_pipeline.dataset_seed(3, 0) == 3
+  assert len({input_pipeline.dataset_seed(3, k) for k in range(4)}) == 4
+
+
+def _heads_loss(mesh, heads, embeddings, labels, num_classes, config):
+  return train_step.fused_margin_loss(
+      heads, embeddings, labels, config=config, step_margins=[0.5] * len(heads),
+      loss_states=[{}] * len(heads), keys=list(jax.random.split(jax.random.key(0), len(heads))),
+      mesh=mesh, num_classes=num_classes)
+
+
+def test_one_person_under_two_labels_gets_no_conflicting_gradient(mesh8):
+  """Person P is class 3 of dataset A and class 5 of dataset B, with both centres on P.
+
+  Fused (a head per dataset), A's images of P never treat B's centre of P as a negative: that
+  centre's gradient from A's rows is exactly zero, and the embedding gradients of P's two images
+  agree. Merged into one label space (the check that this test can fail), A's image of P pushes
+  B's centre of P away.
+  """
+  config = default.get_config()
+  config.loss.kind = "arcface"
+  config.global_batch_size = 16
+  config.extra_datasets = ({"name": "dataset_b"},)
+  rng = np.random.default_rng(0)
+  person = rng.normal(size=D).astype(np.float32)
+  person /= np.linalg.norm(person)
+  heads = [rng.normal(size=(8, D)).astype(np.float32) for _ in range(2)]
+  heads[0][3] = heads[1][5] = person
+  # Device-major layout: each of the 8 devices holds one row of A, then one row of B.
+  embeddings = rng.normal(size=(8, 2, D)).astype(np.float32)
+  labels = rng.integers(0, 8, size=(8, 2)).astype(np.int32)
+  labels[labels[:, 0] == 3, 0], labels[labels[:, 1] == 5, 1] = 0, 0
+  embeddings[0, 0] = embeddings[0, 1] = person + 0.3 * rng.normal(size=D)  # P in A and B.
+  labels[0] = (3, 5)
+  embeddings, labels = embeddings.reshape(16, D), labels.reshape(16)
+  batch = jax.sharding.NamedSharding(mesh8, jax.sharding.PartitionSpec("data"))
+  embeddings, labels = jax.device_put(embeddings, batch), jax.device_put(labels, batch)
+
+  def a_rows_only(heads, emb):
+    _, (dataset_losses, *_), _ = _heads_loss(mesh8, heads, emb, labels, (8, 8), config)
+    return dataset_losses[0], dataset_losses[1]
+
+  centers = tuple({"centers": jax.device_put(h, classifier.centers_sharding(mesh8))}
+                  for h in heads)
+  (grad_a_heads, grad_a_emb) = jax.jit(jax.grad(lambda h, e: a_rows_only(h, e)[0],
+                                                argnums=(0, 1)))(centers, embeddings)
+  grad_b_emb = jax.jit(jax.grad(lambda e: a_rows_only(centers, e)[1]))(embeddings)
+  assert np.all(np.asarray(grad_a_heads[1]["centers"]) == 0.0), "A's rows never reach B's head"
+  assert np.any(np.asarray(grad_a_heads[0]["centers"])[3] != 0.0)
+  a_grad, b_grad = np.asarray(grad_a_emb)[0], np.asarray(grad_b_emb)[1]
+  assert np.all(np.asarray(grad_a_emb)[1::2] == 0.0), "A's loss ignores B's rows"
+  assert a_grad @ b_grad > 0, "P's two images are pulled the same way"
+
+  # One merged label space: B's classes follow A's. Only P's image in A is left non-zero (a zero
+  # embedding gives the centres no gradient), so the centre gradients below come from it alone.
+  merged_config = default.get_config()
+  merged_config.loss.kind, merged_config.global_batch_size = "arcface", 16
+  merged_labels = jax.device_put(jnp.where(jnp.arange(16) % 2 == 1, labels + 8, labels), batch)
+  merged_heads = ({"centers": jax.device_put(np.concatenate(heads),
+                                             classifier.centers_sharding(mesh8))},)
+
+  def merged_loss(heads, emb):
+    return train_step.fused_margin_loss(
+        heads, emb, merged_labels, config=merged_config, step_margins=[0.5], loss_states=[{}],
+        keys=[jax.random.key(0)], mesh=mesh8, num_classes=(16,))[0]
+
+  grad_heads = jax.jit(jax.grad(merged_loss))(merged_heads, embeddings.at[1:].set(0.0))
+  # The centres are normalised, so gradients are tangential: the push is along P's image.
+  push = np.asarray(grad_heads[0]["centers"])[8 + 5] @ np.asarray(embeddings)[0]
+  assert push > 1e-3, "merged, A's image of P pushes B's centre of P away from it"
+
+
+def test_fusion_config_errors_name_the_problem(folder_tree):
+  config = _fused_config(folder_tree, global_batch_size=32)
+  config.extra_datasets = ({"name": "image_folder", "wieght": 2.0},)
+  with pytest.raises(ValueError, match=r"extra_datasets\[0\] 'wieght'.*weight"):
+    config_lib.validate_config(config)
+  config.extra_datasets = ({"name": "image_folder", "weight": 2.0},)
+  with pytest.raises(ValueError, match=r"into \[10.67, 21.33\] images"):
+    config_lib.validate_config(config)
+  config.extra_datasets = ({"name": "image_folder", "weight": 3.0},)  # 8 + 24 images.
+  config_lib.validate_config(config)
+  config_lib.validate_for_mesh(config, 8, 1)
+  with pytest.raises(ValueError, match=r"synthetic_faces's share of the batch.*=8 is not divisible"):
+    config_lib.validate_for_mesh(config, 16, 1)
+  config.extra_datasets = ({"name": "synthetic_faces"},)
+  with pytest.raises(ValueError, match="repeat a name"):
+    config_lib.validate_config(config)
+  config.extra_datasets = ({"name": "image_folder", "image_size": 64},)
+  with pytest.raises(ValueError, match="drop the key"):
+    config_lib.validate_config(config)
+  config.extra_datasets = ("image_folder",)
+  with pytest.raises(ValueError, match="must be a dict with at least a 'name'"):
+    config_lib.validate_config(config)
+
+
+def _scalars(workdir):
+  """{tag: [(step, value), ...]} from the run's TensorBoard event files."""
+  scalars = {}
+  for name in os.listdir(workdir):
+    if name.startswith("events.out.tfevents"):
+      for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
+        for value in event.summary.value:
+          if value.HasField("tensor") and not value.tensor.tensor_shape.dim:
+            scalars.setdefault(value.tag, []).append(
+                (event.step, float(tf.make_ndarray(value.tensor))))
+  return scalars
+
+
+def test_synthetic_and_orl_train_together(orl_dir, tmp_path):
+  """The fusion demo shrunk to seconds: two real heads learn side by side, each with its own
+  auto-margin, and both verification sets are evaluated."""
+  del orl_dir  # Only to skip where the ORL faces are absent.
+  config = demo_fusion.get_config()
+  tiny = tiny_demo_config()
+  for key in ("dataset", "verification", "optimizer"):
+    config[key].update(tiny[key])
+  config.verification.sets = ("synthetic", "orl")
+  config.verification.batch_size = 256
+  config.global_batch_size = 32
+  config.num_train_steps = 40
+  config.log_every_steps = 10
+  config.checkpoint_every_steps = 40
+  config.verification.eval_every_steps = 40
+  workdir = str(tmp_path)
+  results = train.train_and_evaluate(config, workdir)
+  assert set(results["metrics"]) == {"synthetic", "orl"}
+
+  scalars = _scalars(workdir)
+  for name in ("synthetic_faces", "image_folder/orl_s1_s30"):
+    for metric in ("loss", "acc", "acc_margin", "margin"):
+      assert f"train/{name}/{metric}" in scalars, sorted(scalars)
+  orl_loss = [v for _, v in sorted(scalars["train/image_folder/orl_s1_s30/loss"])]
+  assert orl_loss[-1] < orl_loss[0], f"the ORL head learns: {orl_loss}"
+
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+    state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
+  synthetic_head, orl_head = state["params"]["head"]
+  assert synthetic_head["centers"].shape == (TINY_DATA["num_identities"], 128)
+  assert orl_head["centers"].shape == (32, 128)  # 30 identities padded to the 8 devices.
+  margins = [float(m["m"]) for m in state["margin"]]
+  assert margins[0] != margins[1], "each head steers its own margin"
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["extra_datasets"][0]["name"] == "image_folder/orl_s1_s30"
