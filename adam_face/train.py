@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from adam_face import classifier, config_lib, evaluation, input_pipeline, models, train_step as ts
@@ -29,20 +30,35 @@ from adam_face import classifier, config_lib, evaluation, input_pipeline, models
 MESH_AXIS = classifier.MESH_AXIS
 
 
-class _PreemptionFlag:
-  """Set by SIGTERM so the loop can save a final checkpoint and exit cleanly."""
+class _Preemption:
+  """Notices SIGTERM (a preemption notice) so the loop can save a checkpoint and stop cleanly.
+
+  One process: a Python handler sets a flag, read after every step. Several processes: a signal
+  may reach only some of them, and a process that stopped alone would leave the others blocked in
+  the step's collectives. JAX's preemption service (started by jax.distributed.initialize, with
+  its own SIGTERM handler) spreads the notice to every process and names one step at which all of
+  them stop together; `reached` asks it after every step.
+  """
 
   def __init__(self):
-    self.raised = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._multiprocess = jax.process_count() > 1
+    self._raised = False
+    self._previous = None if self._multiprocess else signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-    self.raised = True
+    self._raised = True
+
+  def reached(self, step: int) -> bool:
+    if self._multiprocess and multihost_utils.reached_preemption_sync_point(step):
+      logging.warning("Preemption notice on some process: all stop at step %d.", step)
+      return True
+    return self._raised
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def load_verification_sets(config: ml_collections.ConfigDict, names=None,
@@ -145,7 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.write_hparams(config_lib.flat_hparams(config))
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                              every_steps=config.log_every_steps)
-  preemption = _PreemptionFlag()
+  preemption = _Preemption()
   best_path = os.path.join(workdir, "best.json")
   best: dict[str, float] = {}
   if start_step and os.path.exists(best_path):
@@ -153,10 +169,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       best = json.load(f)
   window_metrics, window_start = [], time.perf_counter()
   step = last_saved = start_step
+  preempted = False
   try:
-    while step < total_steps and not preemption.raised:
+    while step < total_steps and not preempted:
       state, metrics = step_fn(state, _global_batch(next(batches), batch_sharding))
       step += 1
+      preempted = preemption.reached(step)
       progress(step)
       window_metrics.append(metrics)
       if step % config.log_every_steps == 0 or step == total_steps:

@@ -1,7 +1,8 @@
 """One process of the two-process training run in test_multihost.py (not a test module itself).
 
-Usage: python tests/multihost_worker.py PROCESS_ID PORT WORKDIR. Each process owns 4 host-CPU
-devices; together they form one 8-device mesh through JAX's distributed runtime (gloo collectives).
+Usage: python tests/multihost_worker.py PROCESS_ID PORT WORKDIR [NUM_TRAIN_STEPS]. Each process
+owns 4 host-CPU devices; together they form one 8-device mesh through JAX's distributed runtime
+(gloo collectives).
 """
 
 import json
@@ -9,6 +10,7 @@ import os
 import sys
 
 process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+num_train_steps = int(sys.argv[4]) if len(sys.argv) > 4 else 6
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +25,8 @@ jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processe
 from adam_face import train  # noqa: E402
 from tiny_config import tiny_demo_config  # noqa: E402
 
-results = train.train_and_evaluate(tiny_demo_config(num_train_steps=6), workdir)
+results = train.train_and_evaluate(tiny_demo_config(num_train_steps=num_train_steps), workdir)
 print("RESULT " + json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
-                              "step": results["step"], "metrics": results["metrics"]},
+                              "step": results["step"], "metrics": results.get("metrics"),
+                              "preempted": results.get("preempted", False)},
                              default=train.json_default), flush=True)
