@@ -227,7 +227,8 @@ def keep_unsampled_rows(new_tree: Any, old_tree: Any, sampled: Sequence[jax.Arra
     position = keys.index("centers")
     mask = sampled[getattr(path[position - 1], "idx", 0) if position else 0]
     if new.shape[:1] != mask.shape:
-      return new
+      raise ValueError(f"{jax.tree_util.keystr(path)} has {new.shape[0]} rows, but its head's "
+                       f"sampling mask has {mask.shape[0]}.")
     return jnp.where(mask.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
 
   return jax.tree_util.tree_map_with_path(restore, new_tree, old_tree)

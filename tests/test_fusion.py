@@ -210,3 +210,41 @@ def test_synthetic_and_orl_train_together(orl_dir, tmp_path):
   assert margins[0] != margins[1], "each head steers its own margin"
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["extra_datasets"][0]["name"] == "image_folder/orl_s1_s30"
+
+
+def test_fused_step_with_partial_fc_and_running_statistics_per_head(mesh8):
+  """CurricularFace (running statistic t per head) with Partial FC sampling on two heads: each
+  head keeps its own t, and each head's unsampled centres stay exactly as they were."""
+  config = tiny_demo_config(**{"loss.kind": "curricularface", "loss.m": 0.5,
+                               "loss.auto_margin.enabled": False, "head.sample_rate": 0.25,
+                               "global_batch_size": 32, "optimizer.warmup_steps": 0})
+  config.extra_datasets = ({"name": "image_folder", "weight": 1.0},)
+  num_classes = (16, 512)  # Head 1 samples 16 of its 64 centres per shard and step.
+  model = train.models.create_model("tiny", embedding_dim=config.model.embedding_dim)
+  learning_rate_fn = train_step.create_learning_rate_fn(config, 10)
+  tx = train_step.create_optimizer(config, learning_rate_fn)
+  state, shardings = train_step.create_train_state(config, model, mesh8, num_classes, tx)
+  rng = np.random.default_rng(0)
+  # Device-major: each device holds 2 rows of dataset 0 (labels < 16), then 2 of dataset 1.
+  labels = np.stack([rng.integers(0, 16, (8, 2)), rng.integers(0, 512, (8, 2))], axis=1)
+  batch_sharding = jax.sharding.NamedSharding(mesh8, jax.sharding.PartitionSpec("data"))
+  batch = {"image": jax.device_put(rng.normal(size=(32, 32, 32, 3)).astype(np.float32),
+                                   batch_sharding),
+           "label": jax.device_put(labels.reshape(32).astype(np.int32), batch_sharding)}
+  step = jax.jit(lambda s, b: train_step.train_step(
+      s, b, model=model, tx=tx, learning_rate_fn=learning_rate_fn, mesh=mesh8,
+      num_classes=num_classes, config=config), in_shardings=(shardings, batch_sharding))
+  before = jax.device_get(state.params["head"])
+  new_state, metrics = step(state, batch)
+  after = jax.device_get(new_state.params["head"])
+  t = [float(s["t"]) for s in jax.device_get(new_state.loss_state)]
+  assert t[0] != t[1], "each head keeps its own CurricularFace statistic"
+  for head, classes in enumerate(num_classes):
+    changed = np.any(after[head]["centers"] != before[head]["centers"], axis=1)
+    positives = np.unique(labels[:, head].ravel())
+    assert changed[positives].all(), "every positive centre of the head is updated"
+    sampled = classifier.num_sampled_per_shard(classes, 8, 16, 0.25)
+    # Weight decay would move every centre; only the sampled ones may change.
+    assert changed.sum() <= 8 * sampled
+  assert classifier.num_sampled_per_shard(512, 8, 16, 0.25) == 16
+  assert np.isfinite(metrics["loss"]) and "image_folder/acc_margin" in metrics
