@@ -144,12 +144,12 @@ class AdamFaceStep:
     learning_rate_fn = ts.create_learning_rate_fn(config, total_steps)
     tx = ts.create_optimizer(config, learning_rate_fn)
     self.state, state_shardings = ts.create_train_state(config, self.model, self.mesh,
-                                                        num_classes, tx)
+                                                        (num_classes,), tx)
     self.batch_sharding = batch_sharding = NamedSharding(self.mesh, P(classifier.MESH_AXIS))
     self.step_fn = jax.jit(
         functools.partial(ts.train_step, model=self.model, tx=tx,
                           learning_rate_fn=learning_rate_fn, mesh=self.mesh,
-                          num_classes=num_classes, config=config),
+                          num_classes=(num_classes,), config=config),
         in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
         donate_argnums=0)
     size = config.dataset.image_size

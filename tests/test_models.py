@@ -6,15 +6,19 @@ for them. Real computation runs on the tiny model at 32x32. Keys that are really
 initialisation under threefry against ~3 s under rbg, measured on 2 cores).
 """
 
+import functools
 import math
+import re
 
 from flax import traverse_util
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adam_face.models import MODEL_NAMES, count_macs, create_model
+from adam_face.models import MODEL_NAMES, count_macs, create_model, mobilefacenet
+from adam_face.models.iresnet import CONV_INIT
 
 
 def abstract_variables(model, image_shape):
@@ -150,6 +154,80 @@ def test_head_adapts_to_input_size_and_has_no_trainable_final_scale():
   mobile = abstract_variables(create_model("mobilefacenet"), (1, 56, 56, 3))["params"]
   assert mobile["gdconv"]["kernel"].shape == (4, 4, 1, 512)  # GDConv spans the whole map.
   assert set(mobile["embedding_bn"]) == {"bias"}
+
+
+# (input size, kernel size, stride, padding): MobileFaceNet's 3x3 depthwise layers at stride 1
+# and 2 (an odd map too, as 56x56 inputs give), and its GDConv, a VALID kernel spanning the map.
+DEPTHWISE_CASES = [(8, 3, 1, 1), (8, 3, 2, 1), (7, 3, 2, 1), (7, 7, 1, 0)]
+
+
+@pytest.mark.parametrize("size, kernel_size, strides, padding", DEPTHWISE_CASES)
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_shifted_depthwise_conv_matches_grouped_convolution(size, kernel_size, strides, padding,
+                                                            dtype, tolerance):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, size, size, 16)), dtype)
+  kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 1, 16)), dtype)
+
+  @functools.partial(jax.jit, static_argnums=0)  # Jitted: op by op, 49 taps take seconds.
+  def value_and_gradients(implementation, x, kernel):
+    conv = lambda x, k: mobilefacenet.depthwise_conv(x, k, strides, padding, implementation)
+    y, vjp = jax.vjp(conv, x, kernel)
+    # A fixed random cotangent, so every output position weighs differently in the gradients.
+    cotangent = jax.random.normal(jax.random.key(1, impl="rbg"), y.shape, dtype)
+    return (y, *vjp(cotangent))
+
+  expected = value_and_gradients("conv", x, kernel)
+  actual = value_and_gradients("shifted", x, kernel)
+  for name, e, a in zip(("value", "d/dx", "d/dkernel"), expected, actual):
+    assert a.shape == e.shape and a.dtype == e.dtype == dtype, name
+    # Relative to the largest magnitude. The shifted form sums in float32 and rounds once; in
+    # bfloat16 the tolerance allows a rounding (2^-8) or two where the convolution sums otherwise.
+    scale = float(jnp.max(jnp.abs(e.astype(jnp.float32))))
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32),
+                               rtol=0, atol=tolerance * scale, err_msg=name)
+
+
+def test_depthwise_implementation_is_checked():
+  with pytest.raises(ValueError, match="'im2col'.*auto, conv, shifted"):
+    with mobilefacenet.depthwise_implementation("im2col"):
+      pass
+
+
+def grouped_conv(kernel_size, strides=1, padding=0, dtype=jnp.float32, name=None):
+  """What MobileFaceNet's depthwise layers were before DepthwiseConv: a grouped nn.Conv."""
+  return lambda x: nn.Conv(x.shape[-1], kernel_size, strides, padding=padding,
+                           feature_group_count=x.shape[-1], use_bias=False, dtype=dtype,
+                           kernel_init=CONV_INIT, name=name)(x)
+
+
+def test_depthwise_conv_keeps_the_grouped_convolution_parameters(monkeypatch):
+  # Checkpoints stay loadable: the same variable names, shapes and dtypes as the network built
+  # from nn.Conv(feature_group_count=C), and the same initial values.
+  x = jnp.ones((1, 9, 9, 8))
+  key = jax.random.key(0, impl="rbg")
+  layer = mobilefacenet.DepthwiseConv((3, 3), strides=2, padding=1)
+  grouped = nn.Conv(8, (3, 3), 2, padding=1, feature_group_count=8, use_bias=False,
+                    kernel_init=CONV_INIT)
+  np.testing.assert_array_equal(layer.init(key, x)["params"]["kernel"],
+                                grouped.init(key, x)["params"]["kernel"])
+  new = abstract_variables(create_model("mobilefacenet"), (1, 112, 112, 3))
+  monkeypatch.setattr(mobilefacenet, "DepthwiseConv", grouped_conv)
+  old = abstract_variables(create_model("mobilefacenet"), (1, 112, 112, 3))
+  assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(old)
+  assert jax.tree_util.tree_leaves(new) == jax.tree_util.tree_leaves(old)
+  assert new["params"]["gdconv"]["kernel"].shape == (7, 7, 1, 512)
+
+
+def test_mobilefacenet_uses_no_grouped_convolution_on_the_cpu():
+  model = create_model("mobilefacenet")
+  variables = abstract_variables(model, (1, 112, 112, 3))
+  images = jax.ShapeDtypeStruct((1, 112, 112, 3), jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)
+  groups = re.findall(r"feature_group_count=(\d+)", str(jaxpr))
+  bottlenecks = sum(repeats for _, _, repeats, _ in mobilefacenet.BOTTLENECKS)
+  # Only the dense convolutions: the stem, expand and project of each bottleneck, expand_conv.
+  assert groups == ["1"] * (1 + 2 * bottlenecks + 1)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from adam_face.models.iresnet import IResNet
-from adam_face.models.mobilefacenet import MobileFaceNet
+from adam_face.models.mobilefacenet import MobileFaceNet, depthwise_implementation
 
 _FACTORIES = {
     # Stage depths of insightface's iresnet18/34/50/100/200.
@@ -77,10 +77,15 @@ def count_macs(model, image_shape=(1, 112, 112, 3)) -> int:
   MobileFaceNet. Elementwise work (BatchNorm, PReLU, residual adds) is not counted. XLA's cost
   analysis differs: it skips kernel taps that fall on padding, so its FLOPs are below 2x this
   count where feature maps are small.
+
+  Depthwise convolutions are traced as convolutions whatever the backend would run them with:
+  their shifted multiply-add form (MobileFaceNet's on the CPU) does the same multiply-adds, but as
+  elementwise work that this count could not tell from BatchNorm's.
   """
   images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
   variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
-  closed = jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, images)
+  with depthwise_implementation("conv"):
+    closed = jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, images)
   return _jaxpr_macs(closed.jaxpr)
 
 
