@@ -129,6 +129,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{path}={given[path]} must be a positive integer.")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("Set config.num_train_steps > 0 or config.num_epochs > 0.")
+  for dataset in training_datasets(config):
+    if not 0.0 <= dataset.augment.crop < 1.0:
+      raise ValueError(f"{dataset.name}: augment.crop={dataset.augment.crop} must be in [0, 1) "
+                       "(the smallest crop keeps 1 - crop of each side).")
   dataset_batch_sizes(config)
 
 

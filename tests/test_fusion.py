@@ -157,6 +157,9 @@ def test_fusion_config_errors_name_the_problem(folder_tree):
   config.extra_datasets = ({"name": "image_folder", "image_size": 64},)
   with pytest.raises(ValueError, match="drop the key"):
     config_lib.validate_config(config)
+  config.extra_datasets = ({"name": "image_folder", "augment": {"crop": 1.0}},)
+  with pytest.raises(ValueError, match=r"image_folder: augment.crop=1.0 must be in \[0, 1\)"):
+    config_lib.validate_config(config)
   config.extra_datasets = ("image_folder",)
   with pytest.raises(ValueError, match="must be a dict with at least a 'name'"):
     config_lib.validate_config(config)
