@@ -137,8 +137,9 @@ def margin_head_loss(centers: jax.Array, embeddings: jax.Array, labels: jax.Arra
       class-major, and each class's cosine is the max over its K sub-centres.
 
   Returns:
-    (loss, {'acc', 'acc_margin'}, sampled) where `sampled` is a bool [C_pad] (sharded like the
-    centres) marking the centres used this step.
+    (loss, {'acc', 'acc_margin', 'cos_target'}, sampled): cos_target [B] is each row's cosine to
+    its own class centre (without gradient; the best sub-centre's with sub-centres), and `sampled`
+    is a bool [C_pad] (sharded like the centres) marking the centres used this step.
   """
   if margin_fn is None:
     losses.validate_margin(kind, s, m)
@@ -198,7 +199,8 @@ def margin_head_loss(centers: jax.Array, embeddings: jax.Array, labels: jax.Arra
     pred_margin = _global_argmax(logits, class_ids, c_pad)
     pred = _global_argmax(jnp.where(real, cos, _MASKED_LOGIT), class_ids, c_pad)
     metrics = {"acc": _batch_accuracy(pred, labels_local, shard),
-               "acc_margin": _batch_accuracy(pred_margin, labels_local, shard)}
+               "acc_margin": _batch_accuracy(pred_margin, labels_local, shard),
+               "cos_target": jax.lax.stop_gradient(cos_target)}
     return loss, metrics, sampled
 
   sharded = jax.shard_map(

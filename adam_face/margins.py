@@ -4,7 +4,8 @@ The head hands a margin function the global target cosines [B] and the embedding
 back the target logits [B], a non-target function of the local cosines, and an extra loss term
 (MagFace's regulariser). Running statistics (CurricularFace's t, AdaFace's norm mean and std) are
 updated *before* the head from the same batch, as the papers' code does, via a cheap gather of
-each row's own class centre; the updated state is then closed over by the margin function.
+each row's own class centre (CurricularFace only); the updated state is then closed over by the
+margin function.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ def init_loss_state(loss_config: ml_collections.ConfigDict) -> dict[str, jax.Arr
   return {}
 
 
+def needs_target_cosines(loss_config: ml_collections.ConfigDict) -> bool:
+  """Whether update_loss_state reads the batch's target cosines (CurricularFace's t does)."""
+  return loss_config.kind == ml.CURRICULARFACE
+
+
 def target_cosines(embeddings: jax.Array, centers: jax.Array, labels: jax.Array,
                    num_subcenters: int = 1) -> jax.Array:
   """cos(embedding_i, centre of its label) [B], without gradient (for running statistics)."""
@@ -44,8 +50,10 @@ def target_cosines(embeddings: jax.Array, centers: jax.Array, labels: jax.Array,
 
 
 def update_loss_state(loss_config: ml_collections.ConfigDict, state: Mapping[str, jax.Array], *,
-                      cos_target: jax.Array, feature_norm: jax.Array) -> dict[str, jax.Array]:
-  """The running statistics after seeing this batch (global arrays under jit)."""
+                      cos_target: jax.Array | None, feature_norm: jax.Array
+                      ) -> dict[str, jax.Array]:
+  """The running statistics after seeing this batch (global arrays under jit); cos_target may be
+  None where needs_target_cosines is False."""
   if loss_config.kind == ml.CURRICULARFACE:
     return ml.update_curricularface_state(state, jnp.mean(cos_target),
                                           t_alpha=loss_config.t_alpha)

@@ -163,9 +163,11 @@ def _head_loss(config, centers, embeddings, labels, *, margin, loss_state, key, 
   """One dataset's margin loss against its own head; also returns the updated loss statistics
   and each sample's target cosine."""
   num_subcenters = margins.subcenters_per_class(config.loss)
-  cos_target = margins.target_cosines(embeddings, centers, labels, num_subcenters)
   margin_fn = None
   if config.loss.kind in margins.KINDS:
+    # CurricularFace's statistic takes this batch's target cosines before the head runs.
+    cos_target = (margins.target_cosines(embeddings, centers, labels, num_subcenters)
+                  if margins.needs_target_cosines(config.loss) else None)
     loss_state = margins.update_loss_state(
         config.loss, loss_state, cos_target=cos_target,
         feature_norm=jnp.linalg.norm(embeddings.astype(jnp.float32), axis=-1))
@@ -175,7 +177,8 @@ def _head_loss(config, centers, embeddings, labels, *, margin, loss_state, key, 
       s=config.loss.s, m=margin, sample_rate=config.head.sample_rate, sample_key=key,
       compute_dtype=jnp.dtype(config.compute_dtype), margin_fn=margin_fn,
       num_subcenters=num_subcenters)
-  return loss, metrics, sampled, loss_state, cos_target
+  metrics = dict(metrics)
+  return loss, metrics, sampled, loss_state, metrics.pop("cos_target")
 
 
 def fused_margin_loss(heads, embeddings: jax.Array, labels: jax.Array, *,

@@ -64,6 +64,10 @@ def test_sharded_head_matches_single_device_reference(mesh8, kind, m, num_classe
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-5)
   for k in ("acc", "acc_margin"):
     assert float(metrics[k]) == pytest.approx(float(ref_metrics[k]))
+  # The head hands back each row's target cosine (for the angle histogram), as
+  # margins.target_cosines computes it outside the head.
+  np.testing.assert_allclose(metrics["cos_target"],
+                             margins.target_cosines(emb, centers, labels), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(ge, ref_ge, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gw[:num_classes], ref_gw[:num_classes], rtol=1e-5, atol=1e-5)
   assert np.all(np.asarray(gw[num_classes:]) == 0), "padding classes must get no gradient"
