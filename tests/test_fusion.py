@@ -182,17 +182,11 @@ def test_synthetic_and_orl_train_together(orl_dir, tmp_path):
   """The fusion demo shrunk to seconds: two real heads learn side by side, each with its own
   auto-margin, and both verification sets are evaluated."""
   del orl_dir  # Only to skip where the ORL faces are absent.
-  config = demo_fusion.get_config()
-  tiny = tiny_demo_config()
-  for key in ("dataset", "verification", "optimizer"):
-    config[key].update(tiny[key])
-  config.verification.sets = ("synthetic", "orl")
-  config.verification.batch_size = 256
-  config.global_batch_size = 32
-  config.num_train_steps = 40
-  config.log_every_steps = 10
-  config.checkpoint_every_steps = 40
-  config.verification.eval_every_steps = 40
+  fusion = demo_fusion.get_config()
+  config = tiny_demo_config(global_batch_size=32, num_train_steps=40, log_every_steps=10,
+                            checkpoint_every_steps=40, **{"verification.batch_size": 256,
+                                                          "verification.eval_every_steps": 40})
+  config.extra_datasets, config.verification.sets = fusion.extra_datasets, fusion.verification.sets
   workdir = str(tmp_path)
   results = train.train_and_evaluate(config, workdir)
   assert set(results["metrics"]) == {"synthetic", "orl"}
