@@ -64,12 +64,15 @@ class _Preemption:
 def load_verification_sets(config: ml_collections.ConfigDict, names=None,
                            data_dir: str | None = None) -> dict[str, dict[str, np.ndarray]]:
   """The config's verification sets (or `names`), at the training image size."""
+  # The held-out synthetic identities come from the same build as the training split, wherever
+  # synthetic_faces sits among the training datasets (its builder defaults otherwise).
+  synthetic_kwargs = next((d.builder_kwargs for d in config_lib.training_datasets(config)
+                           if d.name == "synthetic_faces"), None)
   return {
       name: input_pipeline.load_verification_set(
           name, data_dir=data_dir or config.verification.data_dir or None,
           manual_dir=config.verification.manual_dir or None, image_size=config.dataset.image_size,
-          # The held-out synthetic identities come from the same build as the training split.
-          builder_kwargs=config.dataset.builder_kwargs if name == "synthetic" else None)
+          builder_kwargs=synthetic_kwargs if name == "synthetic" else None)
       for name in (names or config.verification.sets)}
 
 

@@ -1,6 +1,7 @@
 """Dataset fusion: several training datasets in every batch, each with its own class-sharded head."""
 
 import json
+import math
 import os
 
 import jax
@@ -245,3 +246,14 @@ def test_fused_step_with_partial_fc_and_running_statistics_per_head(mesh8):
     assert changed.sum() <= 8 * sampled
   assert classifier.num_sampled_per_shard(512, 8, 16, 0.25) == 16
   assert np.isfinite(metrics["loss"]) and "image_folder/acc_margin" in metrics
+
+
+def test_synthetic_pairs_come_from_the_trained_synthetic_build(folder_tree):
+  """With synthetic_faces as a second dataset, its held-out pairs use that dataset's sizes."""
+  config = tiny_demo_config()
+  config.extra_datasets = ({"name": "synthetic_faces", "builder_kwargs": dict(TINY_DATA)},)
+  config.dataset.name, config.dataset.builder_kwargs = "image_folder", {"root": str(folder_tree)}
+  pairs = train.load_verification_sets(config, names=("synthetic",))["synthetic"]
+  heldout = TINY_DATA["num_heldout_identities"] * math.comb(
+      TINY_DATA["heldout_images_per_identity"], 2)
+  assert pairs["is_same"].sum() == heldout and len(pairs["is_same"]) == 2 * heldout
