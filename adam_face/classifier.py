@@ -70,12 +70,18 @@ def centers_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(MESH_AXIS, None))
 
 
+def random_centers(key: jax.Array, num_classes: int, embedding_dim: int, num_shards: int,
+                   num_subcenters: int = 1) -> jax.Array:
+  """N(0, 0.01^2) class centres [C_pad * K, D] (K sub-centres a class, class-major)."""
+  shape = (padded_num_classes(num_classes, num_shards) * num_subcenters, embedding_dim)
+  return 0.01 * jax.random.normal(key, shape, jnp.float32)
+
+
 def init_centers(key: jax.Array, num_classes: int, embedding_dim: int, mesh: Mesh,
                  num_subcenters: int = 1) -> jax.Array:
-  """N(0, 0.01^2) class centres [C_pad * K, D] (K sub-centres a class, class-major), created
-  directly in their class-sharded layout."""
-  shape = (padded_num_classes(num_classes, mesh.size) * num_subcenters, embedding_dim)
-  init = jax.jit(lambda k: 0.01 * jax.random.normal(k, shape, jnp.float32),
+  """random_centers, created directly in their class-sharded layout."""
+  init = jax.jit(lambda k: random_centers(k, num_classes, embedding_dim, mesh.size,
+                                          num_subcenters),
                  out_shardings=centers_sharding(mesh))
   return init(key)
 

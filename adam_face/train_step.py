@@ -107,10 +107,9 @@ def create_train_state(config: ml_collections.ConfigDict, model: flax.linen.Modu
     variables = model.init({"params": params_rng, "dropout": dropout_rng},
                            jnp.zeros((1, size, size, 3), jnp.float32), train=False)
     heads = tuple(
-        {"centers": 0.01 * jax.random.normal(
-            jax.random.fold_in(head_rng, k),
-            (classifier.padded_num_classes(classes, mesh.size) * num_subcenters,
-             config.model.embedding_dim))}
+        {"centers": classifier.random_centers(jax.random.fold_in(head_rng, k), classes,
+                                              config.model.embedding_dim, mesh.size,
+                                              num_subcenters)}
         for k, classes in enumerate(num_classes))
     params = {"backbone": variables["params"], "head": heads}
     m = 0.0 if config.loss.kind == "normface" else config.loss.m
@@ -178,7 +177,8 @@ def _head_loss(config, centers, embeddings, labels, *, margin, loss_state, key, 
       compute_dtype=jnp.dtype(config.compute_dtype), margin_fn=margin_fn,
       num_subcenters=num_subcenters)
   metrics = dict(metrics)
-  return loss, metrics, sampled, loss_state, metrics.pop("cos_target")
+  cos_target = metrics.pop("cos_target")
+  return loss, metrics, sampled, loss_state, cos_target
 
 
 def fused_margin_loss(heads, embeddings: jax.Array, labels: jax.Array, *,
