@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from adam_face import losses
+from adam_face import losses, margins
 
 MESH_AXIS = "data"
 _MASKED_LOGIT = -1e30
@@ -71,17 +71,17 @@ def centers_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def random_centers(key: jax.Array, num_classes: int, embedding_dim: int, num_shards: int,
-                   num_subcenters: int = 1) -> jax.Array:
-  """N(0, 0.01^2) class centres [C_pad * K, D] (K sub-centres a class, class-major)."""
-  shape = (padded_num_classes(num_classes, num_shards) * num_subcenters, embedding_dim)
+                   centers_per_class: int = 1) -> jax.Array:
+  """N(0, 0.01^2) class centres [C_pad * K, D] (K centres a class, class-major)."""
+  shape = (padded_num_classes(num_classes, num_shards) * centers_per_class, embedding_dim)
   return 0.01 * jax.random.normal(key, shape, jnp.float32)
 
 
 def init_centers(key: jax.Array, num_classes: int, embedding_dim: int, mesh: Mesh,
-                 num_subcenters: int = 1) -> jax.Array:
+                 centers_per_class: int = 1) -> jax.Array:
   """random_centers, created directly in their class-sharded layout."""
   init = jax.jit(lambda k: random_centers(k, num_classes, embedding_dim, mesh.size,
-                                          num_subcenters),
+                                          centers_per_class),
                  out_shardings=centers_sharding(mesh))
   return init(key)
 
@@ -122,101 +122,93 @@ def _sample_local_classes(key, labels, class_ids, num_classes, num_sampled):
   return jnp.sort(idx)
 
 
-def margin_head_loss(centers: jax.Array, embeddings: jax.Array, labels: jax.Array, *, mesh: Mesh,
-                     num_classes: int, kind: str, s: float, m: Any, sample_rate: float = 1.0,
-                     sample_key: jax.Array | None = None, compute_dtype: Any = jnp.float32,
-                     margin_fn: Callable | None = None, num_subcenters: int = 1):
-  """Margin-softmax cross-entropy of a class-sharded head.
+def margin_head_loss(centers: jax.Array, embeddings: jax.Array, labels: jax.Array,
+                     margin: margins.Margin, margin_state: margins.State, *, mesh: Mesh,
+                     num_classes: int, sample_rate: float = 1.0, key: jax.Array | None = None,
+                     compute_dtype: Any = jnp.float32):
+  """Margin-softmax cross-entropy of a class-sharded head, for any margin method.
 
   Args:
-    centers: [C_pad, D] class centres, sharded P(MESH_AXIS, None).
+    centers: [C_pad * K, D] class centres (K = margin.centers_per_class, class-major), sharded
+      P(MESH_AXIS, None).
     embeddings: [B, D] backbone embeddings (not normalised), batch-sharded over MESH_AXIS.
     labels: [B] int class ids in [0, num_classes).
-    m: the margin: a float or float32 array (auto-margin) for the additive kinds, an int for
-      sphereface, (m1, m2, m3) for combined.
-    sample_rate: Partial FC rate in (0, 1]; < 1 needs `sample_key`.
+    margin: an adam_face.margins.Margin; margin_state its state before this batch.
+    sample_rate: Partial FC rate in (0, 1]; < 1 needs `key`.
+    key: PRNG key for Partial FC sampling and for margins that draw (ElasticFace).
     compute_dtype: dtype of the cosine matmul (accumulation is always float32).
-    margin_fn: replaces kind/s/m for the modern losses (see adam_face/margins.py): maps the global
-      target cosines [B] and embedding norms [B] to (target logits [B], a function of the local
-      cosines giving the non-target logits, an extra loss term).
-    num_subcenters: K sub-centres per class (sub-center ArcFace): centres are [C_pad * K, D],
-      class-major, and each class's cosine is the max over its K sub-centres.
 
   Returns:
-    (loss, {'acc', 'acc_margin', 'cos_target'}, sampled): cos_target [B] is each row's cosine to
-    its own class centre (without gradient; the best sub-centre's with sub-centres), and `sampled`
-    is a bool [C_pad] (sharded like the centres) marking the centres used this step.
+    (loss, metrics, new_margin_state, sampled): metrics hold 'acc', 'acc_margin', the margin's own
+    metrics (current margin, running statistics) and 'cos_target' [B], each row's cosine to its
+    own class (the best sub-centre's), without gradient; new_margin_state is the state after this
+    batch; `sampled` is a bool [C_pad] (sharded like the centres) marking the centres used.
   """
-  if margin_fn is None:
-    losses.validate_margin(kind, s, m)
   num_shards = mesh.size
+  k = margin.centers_per_class
   c_pad = padded_num_classes(num_classes, num_shards)
-  if centers.shape[0] != c_pad * num_subcenters:
-    raise ValueError(f"centers has {centers.shape[0]} rows; expected {c_pad * num_subcenters} for "
-                     f"{num_classes} classes x {num_subcenters} sub-centres on {num_shards} "
-                     "devices (use init_centers).")
+  if centers.shape[0] != c_pad * k:
+    raise ValueError(f"centers has {centers.shape[0]} rows; expected {c_pad * k} for "
+                     f"{num_classes} classes x {k} centres on {num_shards} devices (use "
+                     "init_centers).")
   if embeddings.shape[0] % num_shards:
     raise ValueError(f"Global batch {embeddings.shape[0]} is not divisible by the {num_shards} "
                      "devices of the mesh; choose a batch size that is a multiple of it.")
   num_sampled = num_sampled_per_shard(num_classes, num_shards, embeddings.shape[0], sample_rate)
   sampling = num_sampled < c_pad // num_shards
-  if sampling and num_subcenters > 1:
+  if sampling and k > 1:
     raise ValueError("Partial FC sampling (head.sample_rate < 1) does not support sub-centres; "
                      "use head.sample_rate = 1 with subcenter_arcface.")
-  if sampling and sample_key is None:
-    raise ValueError("Partial FC (sample_rate < 1) needs a sample_key.")
-  if sample_key is None:
-    sample_key = jax.random.key(0)  # Unused; keeps one signature for the shard_map.
-  margin = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), 0.0 if m is None else m)
+  if sampling and key is None:
+    raise ValueError("Partial FC (sample_rate < 1) needs a key.")
+  sample_key, margin_key = jax.random.split(jax.random.key(0) if key is None else key)
 
-  def local_loss(centers_local, emb_local, labels_local, margin, key, feature_norm):
-    per_shard = centers_local.shape[0] // num_subcenters
+  def local_loss(centers_local, emb_local, labels_local, state, sample_key, margin_key,
+                 feature_norm):
+    per_shard = centers_local.shape[0] // k
     shard = jax.lax.axis_index(MESH_AXIS)
     emb = jax.lax.all_gather(emb_local, MESH_AXIS, tiled=True)
     labels = jax.lax.all_gather(labels_local, MESH_AXIS, tiled=True)
     class_ids = shard * per_shard + jnp.arange(per_shard)
     if sampling:
-      idx = _sample_local_classes(jax.random.fold_in(key, shard), labels, class_ids, num_classes,
-                                  num_sampled)
+      idx = _sample_local_classes(jax.random.fold_in(sample_key, shard), labels, class_ids,
+                                  num_classes, num_sampled)
       centers_local, class_ids = centers_local[idx], class_ids[idx]
       sampled = jnp.zeros(per_shard, bool).at[idx].set(True)
     else:
       sampled = jnp.ones(per_shard, bool)
-    cos = jnp.dot(l2_normalize(emb).astype(compute_dtype),
-                  l2_normalize(centers_local).astype(compute_dtype).T,
-                  preferred_element_type=jnp.float32)
-    if num_subcenters > 1:
-      cos = jnp.max(cos.reshape(cos.shape[0], per_shard, num_subcenters), axis=-1)
+    cos = margin.pool_class_cosines(jnp.dot(
+        l2_normalize(emb).astype(compute_dtype),
+        l2_normalize(centers_local).astype(compute_dtype).T, preferred_element_type=jnp.float32))
     target_mask = labels[:, None] == class_ids[None, :]
     real = (class_ids < num_classes)[None, :]
     # Each row's target lives on exactly one shard; the psum hands its cosine to every shard.
-    cos_target = jax.lax.psum(jnp.sum(jnp.where(target_mask, cos, 0.0), axis=-1), MESH_AXIS)
-    if margin_fn is None:
-      target = losses.target_logits(cos_target, kind=kind, s=s, m=margin)
-      others = losses.nontarget_logits(cos, kind=kind, s=s)
-      extra_loss = 0.0
-    else:
-      target, nontarget, extra_loss = margin_fn(cos_target, feature_norm)
-      others = nontarget(cos)
+    cos_target = jax.lax.psum(losses.target_cosines(cos, target_mask), MESH_AXIS)
+    # Every shard sees the same global cos_target and feature_norm, so the state stays replicated.
+    state = margin.update_statistics(state, cos_target=cos_target, feature_norm=feature_norm)
+    # The same margin_key on every shard: a margin that draws gives each row one value.
+    target = margin.target_logits(cos_target, state=state, feature_norm=feature_norm,
+                                  key=margin_key)
+    others = margin.nontarget_logits(cos, cos_target=cos_target, state=state)
     logits = jnp.where(real, jnp.where(target_mask, target[:, None], others), _MASKED_LOGIT)
     row_max = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), MESH_AXIS)
     sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits - row_max[:, None]), axis=-1), MESH_AXIS)
-    loss = jnp.mean(jnp.log(sum_exp) + row_max - target) + extra_loss
+    loss = jnp.mean(jnp.log(sum_exp) + row_max - target) + margin.extra_loss(feature_norm)
     pred_margin = _global_argmax(logits, class_ids, c_pad)
     pred = _global_argmax(jnp.where(real, cos, _MASKED_LOGIT), class_ids, c_pad)
-    metrics = {"acc": _batch_accuracy(pred, labels_local, shard),
-               "acc_margin": _batch_accuracy(pred_margin, labels_local, shard),
-               "cos_target": jax.lax.stop_gradient(cos_target)}
-    return loss, metrics, sampled
+    acc_margin = _batch_accuracy(pred_margin, labels_local, shard)
+    metrics = {"acc": _batch_accuracy(pred, labels_local, shard), "acc_margin": acc_margin,
+               **margin.metrics(state), "cos_target": jax.lax.stop_gradient(cos_target)}
+    return loss, metrics, margin.update_margin(state, acc_margin=acc_margin), sampled
 
   sharded = jax.shard_map(
       local_loss, mesh=mesh,
-      in_specs=(P(MESH_AXIS, None), P(MESH_AXIS, None), P(MESH_AXIS), P(), P(), P()),
-      out_specs=(P(), P(), P(MESH_AXIS)))
+      in_specs=(P(MESH_AXIS, None), P(MESH_AXIS, None), P(MESH_AXIS), P(), P(), P(), P()),
+      out_specs=(P(), P(), P(), P(MESH_AXIS)))
   # Norms of the global batch, replicated (AdaFace and MagFace read them; MagFace's gradient
   # flows back through them to the embeddings).
   feature_norm = jnp.linalg.norm(embeddings.astype(jnp.float32), axis=-1)
-  return sharded(centers, embeddings, labels, margin, sample_key, feature_norm)
+  return sharded(centers, embeddings, labels, margin_state, sample_key, margin_key, feature_norm)
 
 
 def keep_unsampled_rows(new_tree: Any, old_tree: Any, sampled: Sequence[jax.Array]) -> Any:

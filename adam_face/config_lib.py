@@ -1,7 +1,8 @@
 """Config checks that run before anything is compiled, so a typo costs seconds, not a TPU hour.
 
-`configs/default.py` is the schema: every key a config may hold is a key of the default config
-(only `dataset.builder_kwargs`, which is passed to the dataset builder, is free-form).
+`configs/default.py` is the schema: every key a config may hold is a key of the default config,
+except `loss`, whose fields are those of its kind (checked by `margins.from_config`), and
+`dataset.builder_kwargs`, which is passed to the dataset builder as it is.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ from typing import Any
 
 import ml_collections
 
-from adam_face import losses, margins, models
+from adam_face import margins, models, verification_sets
 
 DEFAULT_CONFIG_PATH = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
-_FREE_FORM = ("dataset.builder_kwargs",)
+_FREE_FORM = ("dataset.builder_kwargs", "loss")
 _CHOICES = {
-    "loss.kind": losses.KINDS + margins.KINDS,
     "optimizer.name": ("sgd", "adamw"),
     "optimizer.schedule": ("polynomial", "cosine", "step", "constant"),
     "compute_dtype": ("float32", "bfloat16"),
@@ -32,6 +32,14 @@ def default_config() -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def default_dataset_config(**overrides) -> ml_collections.ConfigDict:
+  """configs/default.py's dataset section (synthetic_faces at 112x112 with random flips), with
+  `overrides` applied."""
+  config = default_config().dataset
+  config.update(overrides)
+  return config
 
 
 def _flatten(config: Any, prefix: str = "", free_form: tuple[str, ...] = _FREE_FORM
@@ -110,17 +118,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for path, choices in _CHOICES.items():
     if given[path] not in choices:
       raise ValueError(f"config.{path}={given[path]!r} is not one of {', '.join(choices)}.")
-  if config.loss.kind in margins.KINDS:
-    margins.check_config(config.loss)
-  else:
-    losses.validate_margin(config.loss.kind, config.loss.s, config.loss.m)
-  am = config.loss.auto_margin
-  if am.enabled:
-    losses.validate_auto_margin(config.loss.kind, target=am.target, rate=am.rate,
-                                momentum=am.momentum, m_min=am.m_min, m_max=am.m_max,
-                                m=config.loss.m)
-    if am.warmup_steps < 0:
-      raise ValueError(f"config.loss.auto_margin.warmup_steps={am.warmup_steps} must be >= 0.")
+  margins.from_config(config.loss)
   if not 0.0 < config.head.sample_rate <= 1.0:
     raise ValueError(f"config.head.sample_rate={config.head.sample_rate} must be in (0, 1].")
   for path in ("global_batch_size", "log_every_steps", "checkpoint_every_steps",
@@ -134,6 +132,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"{dataset.name}: augment.crop={dataset.augment.crop} must be in [0, 1) "
                        "(the smallest crop keeps 1 - crop of each side).")
   dataset_batch_sizes(config)
+  names = [verification_sets.set_name(entry) for entry in config.verification.sets]
+  repeated = sorted({name for name in names if names.count(name) > 1})
+  if repeated:
+    raise ValueError(f"config.verification.sets={tuple(config.verification.sets)} names the set(s) "
+                     f"{repeated} twice (a path's set is named after its file); list each once.")
 
 
 def validate_for_mesh(config: ml_collections.ConfigDict, num_devices: int,
@@ -156,4 +159,4 @@ def validate_for_mesh(config: ml_collections.ConfigDict, num_devices: int,
 def flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config as flat scalars for TensorBoard's hparams plugin."""
   return {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-          for k, v in _flatten(config).items()}
+          for k, v in _flatten(config, free_form=("dataset.builder_kwargs",)).items()}

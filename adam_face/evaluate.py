@@ -2,7 +2,7 @@
 
   python -m adam_face.evaluate --workdir=/tmp/run --sets=lfw,cfp_fp,agedb_30
 
-Prints one row per set in the seed's format (acc / TAR@FAR=1e-1 / 1e-2 / 3e-3 / 1e-3, percent),
+Prints one row per set in the ADAM tables' format (acc / TAR@FAR=1e-1 / 1e-2 / 3e-3 / 1e-3, percent),
 plus HETD when lfw, cfp_fp and agedb_30 are all given, and writes `eval_<step>.json` and
 `roc_<step>.png` into the workdir. The model is rebuilt from the `config.json` training wrote there.
 """
@@ -28,7 +28,8 @@ def evaluate_checkpoint(workdir: str, sets=None, step=None, data_dir=None, batch
   import ml_collections  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  from adam_face import classifier, evaluation, models, train  # pylint: disable=g-import-not-at-top
+  from adam_face import classifier, models, train  # pylint: disable=g-import-not-at-top
+  from adam_face import report, verification  # pylint: disable=g-import-not-at-top
 
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):
@@ -52,12 +53,13 @@ def evaluate_checkpoint(workdir: str, sets=None, step=None, data_dir=None, batch
   embed_fn = jax.tree_util.Partial(lambda v, x: model.apply(v, x, train=False), variables)
   loaded = train.load_verification_sets(config, sets, data_dir)
   mesh = classifier.create_mesh()
-  evaluator = evaluation.Evaluator(loaded, batch_size=batch_size or config.verification.batch_size,
-                                   mesh=mesh, flip=config.verification.flip)
+  evaluator = verification.Evaluator(
+      loaded, batch_size=batch_size or config.verification.batch_size, mesh=mesh,
+      flip=config.verification.flip)
   result = evaluator(embed_fn)
   with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
     json.dump({"step": step, "metrics": result.metrics}, f, indent=2, default=train.json_default)
-  evaluation.plot_roc(result.curves, os.path.join(workdir, f"roc_{step}.png"))
+  report.plot_roc(result.curves, os.path.join(workdir, f"roc_{step}.png"))
   logging.info("Evaluated step %d of %s.", step, workdir)
   return step, result
 
@@ -65,12 +67,12 @@ def evaluate_checkpoint(workdir: str, sets=None, step=None, data_dir=None, batch
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from adam_face import evaluation  # pylint: disable=g-import-not-at-top
+  from adam_face import report  # pylint: disable=g-import-not-at-top
 
   step, result = evaluate_checkpoint(FLAGS.workdir, FLAGS.sets, FLAGS.step, FLAGS.data_dir,
                                      FLAGS.batch_size)
   print(f"step {step}")
-  print(evaluation.format_table(result.metrics))
+  print(report.format_table(result.metrics))
 
 
 if __name__ == "__main__":

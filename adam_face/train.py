@@ -8,7 +8,6 @@ auto-margin state and rng; the data iterator is re-positioned at that step), the
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -25,7 +24,9 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from adam_face import classifier, config_lib, evaluation, input_pipeline, models, train_step as ts
+from adam_face import classifier, config_lib, models, report, train_step as ts
+from adam_face import data_builders, train_input, verification_sets
+from adam_face import verification
 
 MESH_AXIS = classifier.MESH_AXIS
 
@@ -69,7 +70,7 @@ def load_verification_sets(config: ml_collections.ConfigDict, names=None,
   synthetic_kwargs = next((d.builder_kwargs for d in config_lib.training_datasets(config)
                            if d.name == "synthetic_faces"), None)
   return {
-      name: input_pipeline.load_verification_set(
+      verification_sets.set_name(name): verification_sets.load_verification_set(
           name, data_dir=data_dir or config.verification.data_dir or None,
           manual_dir=config.verification.manual_dir or None, image_size=config.dataset.image_size,
           builder_kwargs=synthetic_kwargs if name == "synthetic" else None)
@@ -91,8 +92,8 @@ def _global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding):
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
-def _evaluate(evaluator, model, state, step, writer, workdir, best):
-  result = evaluator(ts.embed_fn_for(model, state))
+def _evaluate(evaluator, state, step, writer, workdir, best):
+  result = evaluator(ts.embed_fn_for(state))
   scalars = result.scalars()
   writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
   for name, value in scalars.items():
@@ -100,10 +101,14 @@ def _evaluate(evaluator, model, state, step, writer, workdir, best):
       best[name] = value
   writer.write_scalars(step, {f"best/{k}": v for k, v in best.items()})
   if jax.process_index() == 0:
-    evaluation.plot_roc(result.curves, os.path.join(workdir, "roc.png"))
+    report.plot_roc(result.curves, os.path.join(workdir, "roc.png"))
+    train_log = os.path.join(workdir, "train_log.jsonl")
+    if os.path.exists(train_log):  # The auto-margin at work: margin and acc_margin by step.
+      report.plot_margin_trajectory(report.read_train_log(train_log),
+                                    os.path.join(workdir, "margin.png"))
     with open(os.path.join(workdir, "best.json"), "w") as f:  # Survives a restart.
       json.dump(best, f, indent=2)
-  logging.info("Verification at step %d:\n%s", step, evaluation.format_table(result.metrics))
+  logging.info("Verification at step %d:\n%s", step, report.format_table(result.metrics))
   return result
 
 
@@ -117,7 +122,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   datasets = config_lib.training_datasets(config)
   batch_sizes = config_lib.dataset_batch_sizes(config)
-  infos = [input_pipeline.dataset_info(d) for d in datasets]
+  infos = [data_builders.dataset_info(d) for d in datasets]
   num_classes = tuple(info["num_classes"] for info in infos)
   for info, batch_size in zip(infos, batch_sizes):
     logging.info("%s: %d classes, %d examples, %d of each batch.", info["full_name"],
@@ -129,9 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = models.create_model(config.model.name, embedding_dim=config.model.embedding_dim,
                               dtype=jnp.dtype(config.compute_dtype),
                               dropout_rate=config.model.dropout_rate)
-  learning_rate_fn = ts.create_learning_rate_fn(config, total_steps)
-  tx = ts.create_optimizer(config, learning_rate_fn)
-  state, state_shardings = ts.create_train_state(config, model, mesh, num_classes, tx)
+  state, state_shardings = ts.create_train_state(config, model, mesh, num_classes, total_steps)
 
   checkpoints = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
@@ -144,16 +147,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   batch_sharding = NamedSharding(mesh, P(MESH_AXIS))
   step_fn = jax.jit(
-      functools.partial(ts.train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn,
-                        mesh=mesh, num_classes=num_classes, config=config),
+      ts.train_step,
       # Metrics replicated, so every process can read them (the per-sample angles included).
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, NamedSharding(mesh, P())),
       donate_argnums=0)
-  batches = input_pipeline.create_fused_train_iterator(
+  batches = train_input.create_fused_train_iterator(
       datasets, batch_sizes=batch_sizes, seed=config.seed, start_step=start_step)
-  evaluator = evaluation.Evaluator(verification_sets, batch_size=config.verification.batch_size,
-                                   mesh=mesh, flip=config.verification.flip)
+  evaluator = verification.Evaluator(verification_sets, batch_size=config.verification.batch_size,
+                                     mesh=mesh, flip=config.verification.flip)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0:
@@ -170,6 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start_step and os.path.exists(best_path):
     with open(best_path) as f:
       best = json.load(f)
+  train_log_path = os.path.join(workdir, "train_log.jsonl")
   window_metrics, window_start = [], time.perf_counter()
   step = last_saved = start_step
   preempted = False
@@ -187,6 +190,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         elapsed = time.perf_counter() - window_start
         summary["images_per_second"] = len(window) * config.global_batch_size / elapsed
         writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+        if jax.process_index() == 0:  # For plots (margin.png) and benchmarks to read back.
+          with open(train_log_path, "a") as f:
+            f.write(json.dumps({"step": step, **summary}) + "\n")
         writer.write_histograms(step, {
             f"train/{k}": np.concatenate([m[k] for m in window])
             for k in window[0] if np.ndim(window[0][k]) == 1})
@@ -195,7 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpoints.save(step, args=ocp.args.StandardSave(state))
         last_saved = step
       if step % config.verification.eval_every_steps == 0 and step < total_steps:
-        _evaluate(evaluator, model, state, step, writer, workdir, best)
+        _evaluate(evaluator, state, step, writer, workdir, best)
     if step != last_saved:
       checkpoints.save(step, args=ocp.args.StandardSave(state), force=True)
     checkpoints.wait_until_finished()
@@ -208,10 +214,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.flush()
     return {"step": step, "preempted": True}
 
-  result = _evaluate(evaluator, model, state, step, writer, workdir, best)
+  result = _evaluate(evaluator, state, step, writer, workdir, best)
   writer.flush()
   results = {"step": step, "metrics": result.metrics, "best": best,
-             "table": evaluation.format_table(result.metrics)}
+             "table": report.format_table(result.metrics)}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2, default=json_default)

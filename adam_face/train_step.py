@@ -6,29 +6,48 @@ and time exactly the step that `train.py` runs.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import flax
+from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from adam_face import classifier, config_lib, losses, margins
+from adam_face import classifier, config_lib, margins, train_input
 
 MESH_AXIS = classifier.MESH_AXIS
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any  # {'backbone': ..., 'head': ({'centers': [C_pad, D]}, ...)}: a head per dataset.
+@dataclasses.dataclass(frozen=True)
+class Head:
+  """One training dataset's class-sharded head: what the step needs to know about it (static)."""
+
+  name: str  # The dataset's TFDS builder name; per-dataset metrics are logged under it.
+  num_classes: int
+  batch_size: int  # Its rows in every global batch.
+  margin: margins.Margin
+
+
+class TrainState(train_state.TrainState):
+  """Flax's TrainState (step, apply_fn, params, tx, opt_state) plus what face training adds.
+
+  params = {'backbone': ..., 'head': ({'centers': [C_pad * K, D]}, ...)}: a head per dataset, and
+  margin_states[k] is head k's margin state (auto-margin, running statistics). The static fields
+  are rebuilt from the config, never checkpointed.
+  """
+
   batch_stats: Any
-  opt_state: Any
-  margin: Any  # Per head: auto-margin state {'m', 'acc_margin_ema'}; m fixed when disabled.
-  loss_state: Any  # Per head: CurricularFace / AdaFace running statistics (margins.py).
+  margin_states: tuple
   rng: jax.Array
+  heads: tuple[Head, ...] = flax.struct.field(pytree_node=False)
+  mesh: Mesh = flax.struct.field(pytree_node=False)
+  sample_rate: float = flax.struct.field(pytree_node=False)
+  compute_dtype: Any = flax.struct.field(pytree_node=False)
+  learning_rate_fn: optax.Schedule = flax.struct.field(pytree_node=False)
 
 
 # ------------------------------------------------------------------------------ optimisation
@@ -92,63 +111,39 @@ def _state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: flax.linen.Module, mesh: Mesh,
-                       num_classes: Sequence[int], tx: optax.GradientTransformation):
+                       num_classes: Sequence[int], total_steps: int):
   """Initialises the train state directly in its sharded layout; returns (state, shardings).
 
   num_classes holds the class count of each training dataset (config_lib.training_datasets);
-  each dataset gets its own head params['head'][k], auto-margin state margin[k] and loss
-  statistics loss_state[k].
+  each dataset gets its own head params['head'][k] and margin state margin_states[k].
   """
   size = config.dataset.image_size
-  num_subcenters = margins.subcenters_per_class(config.loss)
+  margin = margins.from_config(config.loss)
+  names = [d.name for d in config_lib.training_datasets(config)]
+  heads = tuple(Head(name, classes, batch_size, margin) for name, classes, batch_size
+                in zip(names, num_classes, config_lib.dataset_batch_sizes(config)))
+  learning_rate_fn = create_learning_rate_fn(config, total_steps)
+  tx = create_optimizer(config, learning_rate_fn)
 
   def init(rng):
     params_rng, dropout_rng, head_rng, state_rng = jax.random.split(rng, 4)
     variables = model.init({"params": params_rng, "dropout": dropout_rng},
                            jnp.zeros((1, size, size, 3), jnp.float32), train=False)
-    heads = tuple(
-        {"centers": classifier.random_centers(jax.random.fold_in(head_rng, k), classes,
+    centers = tuple(
+        {"centers": classifier.random_centers(jax.random.fold_in(head_rng, k), head.num_classes,
                                               config.model.embedding_dim, mesh.size,
-                                              num_subcenters)}
-        for k, classes in enumerate(num_classes))
-    params = {"backbone": variables["params"], "head": heads}
-    m = 0.0 if config.loss.kind == "normface" else config.loss.m
-    margin = (losses.init_auto_margin(m, config.loss.auto_margin.target)
-              if config.loss.kind in losses.AUTO_MARGIN_KINDS else {})
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                      margin=tuple(margin for _ in num_classes),
-                      loss_state=tuple(margins.init_loss_state(config.loss) for _ in num_classes),
-                      rng=state_rng)
+                                              head.margin.centers_per_class)}
+        for k, head in enumerate(heads))
+    return TrainState.create(
+        apply_fn=model.apply, params={"backbone": variables["params"], "head": centers}, tx=tx,
+        batch_stats=variables.get("batch_stats", {}),
+        margin_states=tuple(head.margin.init_state() for head in heads), rng=state_rng,
+        heads=heads, mesh=mesh, sample_rate=config.head.sample_rate,
+        compute_dtype=jnp.dtype(config.compute_dtype), learning_rate_fn=learning_rate_fn)
 
   rng = jax.random.PRNGKey(config.seed)
   shardings = _state_shardings(jax.eval_shape(init, rng), mesh)
   return jax.jit(init, out_shardings=shardings)(rng), shardings
-
-
-def split_by_dataset(x: jax.Array, batch_sizes: Sequence[int], num_devices: int) -> list[jax.Array]:
-  """Each dataset's rows of a fused global batch (input_pipeline.create_fused_train_iterator).
-
-  Every device holds its share of dataset 0, then of dataset 1, ...; so the split is a reshape
-  to [devices, rows per device] and a slice of the per-device axis, local to each device.
-  """
-  if len(batch_sizes) == 1:
-    return [x]
-  blocks = x.reshape((num_devices, -1) + x.shape[1:])
-  parts, start = [], 0
-  for size in batch_sizes:
-    per_device = size // num_devices
-    parts.append(blocks[:, start:start + per_device].reshape((size,) + x.shape[1:]))
-    start += per_device
-  return parts
-
-
-def _margin_for_step(margin_state, config: ml_collections.ConfigDict):
-  if config.loss.kind in losses.AUTO_MARGIN_KINDS:
-    return margin_state["m"]
-  if config.loss.kind in margins.KINDS:
-    return 0.0  # Their margins come from margins.margin_fn; logged as 0.
-  return config.loss.m
 
 
 def _batch_mean(values, batch_sizes: Sequence[int]) -> jax.Array:
@@ -157,118 +152,81 @@ def _batch_mean(values, batch_sizes: Sequence[int]) -> jax.Array:
              for v, size in zip(values, batch_sizes)) / sum(batch_sizes)
 
 
-def _head_loss(config, centers, embeddings, labels, *, margin, loss_state, key, mesh,
-               num_classes):
-  """One dataset's margin loss against its own head; also returns the updated loss statistics
-  and each sample's target cosine."""
-  num_subcenters = margins.subcenters_per_class(config.loss)
-  margin_fn = None
-  if config.loss.kind in margins.KINDS:
-    # CurricularFace's statistic takes this batch's target cosines before the head runs.
-    cos_target = (margins.target_cosines(embeddings, centers, labels, num_subcenters)
-                  if margins.needs_target_cosines(config.loss) else None)
-    loss_state = margins.update_loss_state(
-        config.loss, loss_state, cos_target=cos_target,
-        feature_norm=jnp.linalg.norm(embeddings.astype(jnp.float32), axis=-1))
-    margin_fn = margins.margin_fn(config.loss, loss_state, key)
-  loss, metrics, sampled = classifier.margin_head_loss(
-      centers, embeddings, labels, mesh=mesh, num_classes=num_classes, kind=config.loss.kind,
-      s=config.loss.s, m=margin, sample_rate=config.head.sample_rate, sample_key=key,
-      compute_dtype=jnp.dtype(config.compute_dtype), margin_fn=margin_fn,
-      num_subcenters=num_subcenters)
-  metrics = dict(metrics)
-  cos_target = metrics.pop("cos_target")
-  return loss, metrics, sampled, loss_state, cos_target
-
-
-def fused_margin_loss(heads, embeddings: jax.Array, labels: jax.Array, *,
-                      config: ml_collections.ConfigDict, step_margins, loss_states, keys, mesh: Mesh,
-                      num_classes: Sequence[int]):
+def fused_margin_loss(head_params, margin_states, embeddings: jax.Array, labels: jax.Array,
+                      keys, *, heads: Sequence[Head], mesh: Mesh, sample_rate: float = 1.0,
+                      compute_dtype: Any = jnp.float32):
   """The margin loss of a (possibly fused) global batch: each dataset's rows against that
   dataset's head only, so identities that two datasets share under different labels never act
   as each other's negatives. The loss is the mean over all rows, i.e. the datasets' losses
   weighted by their share of the batch.
 
-  Returns (loss, (per-dataset losses, metrics, sampled masks, loss statistics), target cosines).
+  Returns (loss, (per-dataset losses, metrics, margin states, sampled masks)).
   """
-  batch_sizes = config_lib.dataset_batch_sizes(config)
-  per_dataset = zip(heads, split_by_dataset(embeddings, batch_sizes, mesh.size),
-                    split_by_dataset(labels, batch_sizes, mesh.size), step_margins, loss_states,
-                    keys, num_classes)
-  outputs = [_head_loss(config, head["centers"], emb, dataset_labels, margin=margin,
-                        loss_state=stats, key=key, mesh=mesh, num_classes=classes)
-             for head, emb, dataset_labels, margin, stats, key, classes in per_dataset]
-  dataset_losses, metrics, sampled, new_loss_states, cos_target = zip(*outputs)
-  return (_batch_mean(dataset_losses, batch_sizes),
-          (dataset_losses, metrics, sampled, new_loss_states), jnp.concatenate(cos_target))
+  batch_sizes = [head.batch_size for head in heads]
+  rows = zip(train_input.split_by_dataset(embeddings, batch_sizes, mesh.size),
+             train_input.split_by_dataset(labels, batch_sizes, mesh.size))
+  outputs = [classifier.margin_head_loss(params["centers"], emb, dataset_labels, head.margin,
+                                         state, mesh=mesh, num_classes=head.num_classes,
+                                         sample_rate=sample_rate, key=key,
+                                         compute_dtype=compute_dtype)
+             for head, params, state, (emb, dataset_labels), key
+             in zip(heads, head_params, margin_states, rows, keys)]
+  dataset_losses, metrics, new_states, sampled = zip(*outputs)
+  return _batch_mean(dataset_losses, batch_sizes), (dataset_losses, metrics, new_states, sampled)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: flax.linen.Module,
-               tx: optax.GradientTransformation, learning_rate_fn: optax.Schedule, mesh: Mesh,
-               num_classes: Sequence[int], config: ml_collections.ConfigDict):
-  """One optimisation step on a global batch; returns the new state and scalar metrics.
+def train_step(state: TrainState, batch: dict[str, jax.Array]):
+  """One optimisation step on a global batch; returns the new state and metrics.
 
   With several training datasets (dataset fusion) the backbone sees the whole batch and
   `fused_margin_loss` routes each dataset's rows to its own head.
   """
-  rng, dropout_rng, sample_rng = jax.random.split(state.rng, 3)
-  batch_sizes = config_lib.dataset_batch_sizes(config)
-  names = [d.name for d in config_lib.training_datasets(config)]
-  step_margins = [_margin_for_step(m, config) for m in state.margin]
+  rng, dropout_rng, head_rng = jax.random.split(state.rng, 3)
+  heads = state.heads
 
   def loss_fn(params):
-    embeddings, new_model_state = model.apply(
+    embeddings, new_model_state = state.apply_fn(
         {"params": params["backbone"], "batch_stats": state.batch_stats}, batch["image"],
         train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-    loss, per_dataset, cos_target = fused_margin_loss(
-        params["head"], embeddings, batch["label"], config=config, step_margins=step_margins,
-        loss_states=state.loss_state, keys=jax.random.split(sample_rng, len(names)), mesh=mesh,
-        num_classes=num_classes)
-    return loss, (per_dataset, new_model_state["batch_stats"], cos_target)
+    loss, per_dataset = fused_margin_loss(
+        params["head"], state.margin_states, embeddings, batch["label"],
+        jax.random.split(head_rng, len(heads)), heads=heads, mesh=state.mesh,
+        sample_rate=state.sample_rate, compute_dtype=state.compute_dtype)
+    return loss, (per_dataset, new_model_state["batch_stats"])
 
-  (loss, ((head_losses, head_metrics, sampled, loss_state), batch_stats, cos_target)), grads = (
+  (loss, ((head_losses, head_metrics, margin_states, sampled), batch_stats)), grads = (
       jax.value_and_grad(loss_fn, has_aux=True)(state.params))
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  if config.head.sample_rate < 1.0:
+  new_state = state.apply_gradients(grads=grads)
+  if state.sample_rate < 1.0:
     params, opt_state = classifier.keep_unsampled_rows(
-        (params, opt_state), (state.params, state.opt_state), sampled)
+        (new_state.params, new_state.opt_state), (state.params, state.opt_state), sampled)
+    new_state = new_state.replace(params=params, opt_state=opt_state)
 
-  new_margin = state.margin
-  am = config.loss.auto_margin
-  if am.enabled:  # Each head steers its own margin by its own acc_margin.
-    new_margin = tuple(
-        losses.update_auto_margin(margin, metrics["acc_margin"], target=am.target, rate=am.rate,
-                                  momentum=am.momentum, m_min=am.m_min, m_max=am.m_max,
-                                  hold=state.step < am.warmup_steps)
-        for margin, metrics in zip(state.margin, head_metrics))
-
+  batch_sizes = [head.batch_size for head in heads]
+  scalars = {k: _batch_mean([m[k] for m in head_metrics], batch_sizes)
+             for k in head_metrics[0] if k != "cos_target"}
   metrics = {
       "loss": loss,
-      "acc": _batch_mean([m["acc"] for m in head_metrics], batch_sizes),
-      "acc_margin": _batch_mean([m["acc_margin"] for m in head_metrics], batch_sizes),
-      "margin": _batch_mean(step_margins, batch_sizes),
-      "learning_rate": learning_rate_fn(state.step),
+      **scalars,  # acc, acc_margin and each margin's own (margin, t, norm statistics ...).
+      "learning_rate": state.learning_rate_fn(state.step),
       "grad_norm": optax.tree.norm(grads["backbone"]),
       # Per-sample difficulty: where on [0, 180] degrees the targets sit (histogram).
-      "target_angle_deg": jnp.degrees(jnp.arccos(jnp.clip(cos_target, -1.0, 1.0))),
+      "target_angle_deg": jnp.degrees(jnp.arccos(jnp.clip(
+          jnp.concatenate([m["cos_target"] for m in head_metrics]), -1.0, 1.0))),
   }
-  if len(names) > 1:  # Per dataset, named by its builder (e.g. "casia_webface/acc_margin").
-    for name, head_loss, head, margin in zip(names, head_losses, head_metrics, step_margins):
-      metrics.update({f"{name}/loss": head_loss, f"{name}/acc": head["acc"],
-                      f"{name}/acc_margin": head["acc_margin"],
-                      f"{name}/margin": jnp.asarray(margin, jnp.float32)})
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, margin=new_margin, loss_state=loss_state,
-                            rng=rng)
+  if len(heads) > 1:  # Per dataset, named by its builder (e.g. "casia_webface/acc_margin").
+    for head, head_loss, head_metric in zip(heads, head_losses, head_metrics):
+      metrics[f"{head.name}/loss"] = head_loss
+      metrics.update({f"{head.name}/{k}": v for k, v in head_metric.items() if k != "cos_target"})
+  new_state = new_state.replace(batch_stats=batch_stats, margin_states=margin_states, rng=rng)
   return new_state, metrics
 
 
-def embed_fn_for(model: flax.linen.Module, state: TrainState) -> jax.tree_util.Partial:
+def embed_fn_for(state: TrainState) -> jax.tree_util.Partial:
   """The inference embedding as a Partial over the variables (traced, never baked in)."""
 
   def embed(variables, images):
-    return model.apply(variables, images, train=False)
+    return state.apply_fn(variables, images, train=False)
 
   return jax.tree_util.Partial(
       embed, {"params": state.params["backbone"], "batch_stats": state.batch_stats})

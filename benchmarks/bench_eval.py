@@ -4,8 +4,8 @@ The classic protocol (as in insightface's verification.py, re-implemented here f
 description) scores pairs by squared L2 distance of normalised embeddings, scans thresholds
 0, 0.01, ..., 3.99 in Python, picks the accuracy threshold per fold of 10 (KFold over consecutive
 pairs, first best grid point), and sets TAR@FAR per fold by interpolating the training folds' FAR
-curve on the same grid and averaging the held-out TARs. adam_face.evaluation instead cuts at exact
-scores after a single sort (accuracy per fold; TAR@FAR pooled over all pairs).
+curve on the same grid and averaging the held-out TARs. adam_face.verification_metrics instead
+cuts at exact scores after a single sort (accuracy per fold; TAR@FAR pooled over all pairs).
 
 Both run on the same synthetic 512-d embeddings: genuine pairs are two noisy views of one random
 centre with a per-pair noise level, so the genuine and impostor scores overlap; impostor pairs
@@ -22,9 +22,9 @@ import time
 
 import numpy as np
 
-from adam_face import evaluation
+from adam_face import verification_metrics
 
-FARS = evaluation.DEFAULT_FARS
+FARS = verification_metrics.DEFAULT_FARS
 _CHUNK = 50_000
 
 
@@ -54,7 +54,7 @@ def squared_distances(emb_a, emb_b):
 def grid_scan_protocol(distances, is_same, num_folds=10, fars=FARS):
   """The classic protocol: pairs accepted when distance < t, t on a 0.01 grid over [0, 4)."""
   thresholds = np.arange(0, 4, 0.01)
-  fold = evaluation.consecutive_folds(len(distances), num_folds)
+  fold = verification_metrics.consecutive_folds(len(distances), num_folds)
   accuracies, tars = [], {far: [] for far in fars}
   for k in range(num_folds):
     train, test = fold != k, fold == k
@@ -76,7 +76,7 @@ def grid_scan_protocol(distances, is_same, num_folds=10, fars=FARS):
       tars[far].append(np.count_nonzero((test_dist < threshold) & test_same) / num_test_genuine)
   metrics = {"accuracy": float(np.mean(accuracies)), "accuracy_std": float(np.std(accuracies))}
   for far in fars:
-    metrics[f"tar@far={evaluation.far_label(far)}"] = float(np.mean(tars[far]))
+    metrics[f"tar@far={verification_metrics.far_label(far)}"] = float(np.mean(tars[far]))
   return metrics
 
 
@@ -85,7 +85,7 @@ def run(num_pairs, dim, grid_max_pairs, seed):
   exact_score_s = grid_score_s = 0.0
   for emb_a, emb_b, is_same in synthetic_pairs(num_pairs, dim, seed):
     start = time.perf_counter()
-    scores.append(evaluation.pair_scores(emb_a, emb_b))
+    scores.append(verification_metrics.pair_scores(emb_a, emb_b))
     exact_score_s += time.perf_counter() - start
     start = time.perf_counter()
     distances.append(squared_distances(emb_a, emb_b))
@@ -94,7 +94,8 @@ def run(num_pairs, dim, grid_max_pairs, seed):
   scores, distances, is_same = map(np.concatenate, (scores, distances, labels))
 
   start = time.perf_counter()
-  exact = evaluation.verification_metrics_from_scores(scores, is_same, folds=10, fars=FARS)
+  exact = verification_metrics.verification_metrics_from_scores(scores, is_same, folds=10,
+                                                                fars=FARS)
   exact_metrics_s = time.perf_counter() - start
 
   grid_pairs = min(num_pairs, grid_max_pairs)
@@ -103,11 +104,12 @@ def run(num_pairs, dim, grid_max_pairs, seed):
   grid_metrics_s = time.perf_counter() - start
   if grid_pairs < num_pairs:
     # Compare numbers on the same pairs; time the exact path on all of them.
-    exact_on_grid_pairs = evaluation.verification_metrics_from_scores(
+    exact_on_grid_pairs = verification_metrics.verification_metrics_from_scores(
         scores[:grid_pairs], is_same[:grid_pairs], folds=10, fars=FARS)
   else:
     exact_on_grid_pairs = exact
-  keys = ["accuracy", "accuracy_std"] + [f"tar@far={evaluation.far_label(f)}" for f in FARS]
+  keys = ["accuracy", "accuracy_std"] + [
+      f"tar@far={verification_metrics.far_label(f)}" for f in FARS]
   return {
       "pairs": num_pairs, "dim": dim, "grid_pairs": grid_pairs,
       "exact": {"score_s": exact_score_s, "metrics_s": exact_metrics_s,
@@ -124,7 +126,7 @@ def run(num_pairs, dim, grid_max_pairs, seed):
 
 
 def print_table(results):
-  labels = [evaluation.far_label(far) for far in FARS]
+  labels = [verification_metrics.far_label(far) for far in FARS]
   print(f"{'pairs':>8} {'method':<10} {'scores s':>9} {'metrics s':>10}  "
         f"acc% (std) / TAR%@FAR=" + " / ".join(labels))
   for result in results:

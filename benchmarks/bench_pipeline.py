@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from adam_face import input_pipeline  # noqa: E402
+from adam_face import config_lib, data_builders, train_input  # noqa: E402
 from benchmarks.bench_train_step import AdamFaceStep  # noqa: E402
 from configs import demo  # noqa: E402
 
@@ -39,8 +39,8 @@ def measure_pipeline_rate(dataset_config, *, global_batch_size: int, num_batches
   Returns:
     {'images_per_second', 'seconds', 'num_batches', 'global_batch_size'}.
   """
-  iterator = input_pipeline.create_train_iterator(dataset_config,
-                                                  global_batch_size=global_batch_size, seed=seed)
+  iterator = train_input.create_train_iterator(dataset_config,
+                                               global_batch_size=global_batch_size, seed=seed)
   for _ in range(warmup_batches):
     next(iterator)
   start = time.perf_counter()
@@ -59,13 +59,13 @@ def measure_step_rates(config, *, steps: int = 5, rounds: int = 3) -> dict:
   of each kind (the first also compiles) comes before its rounds.
   """
   batch_size = config.global_batch_size
-  num_classes = input_pipeline.dataset_info(config.dataset)["num_classes"]
+  num_classes = data_builders.dataset_info(config.dataset)["num_classes"]
   step = AdamFaceStep(config, num_classes)
   compile_seconds = step.compile()
   step.run(1)
   alone = [steps * batch_size / step.run(steps) for _ in range(rounds)]
-  batches = input_pipeline.create_train_iterator(config.dataset, global_batch_size=batch_size,
-                                                 seed=config.seed)
+  batches = train_input.create_train_iterator(config.dataset, global_batch_size=batch_size,
+                                              seed=config.seed)
   step.run(1, batches)  # Also fills the shuffle buffer.
   fed = [steps * batch_size / step.run(steps, batches) for _ in range(rounds)]
   return {"model": config.model.name, "loss": config.loss.kind, "num_classes": num_classes,
@@ -96,7 +96,7 @@ def main() -> None:
   }
   rows = []
   for augmentation, augment in variants.items():
-    config = input_pipeline.default_dataset_config(
+    config = config_lib.default_dataset_config(
         name=args.dataset, data_dir=args.data_dir, image_size=args.image_size, augment=augment)
     result = measure_pipeline_rate(config, global_batch_size=args.batch_size,
                                    num_batches=args.num_batches)

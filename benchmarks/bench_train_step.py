@@ -173,7 +173,7 @@ class AdamFaceStep:
   def run(self, steps: int, host_batches: Iterator[dict[str, np.ndarray]] | None = None) -> float:
     """Seconds for `steps` steps, waiting for the last one to finish.
 
-    With `host_batches` (numpy batches, e.g. from input_pipeline.create_train_iterator) every
+    With `host_batches` (numpy batches, e.g. from train_input.create_train_iterator) every
     step takes the next one and puts it on the devices as train.py does; otherwise every step
     reuses the random batch already on the devices.
     """

@@ -6,6 +6,8 @@
 
 import ml_collections
 
+from adam_face import margins
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -50,33 +52,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = "iresnet50"  # tiny, iresnet18/34/50/100/200, mobilefacenet.
   config.model.embedding_dim = 512
-  config.model.dropout_rate = 0.0  # Dropout before the embedding layer (insightface: 0).
+  config.model.dropout_rate = 0.0  # Dropout before the embedding layer (arcface_torch: 0).
 
-  # ---- margin-softmax loss (adam_face/losses.py)
-  config.loss = ml_collections.ConfigDict()
-  config.loss.kind = "arcface"  # normface, cosface, arcface, sphereface, combined, adm, and the
-  #                               modern subcenter_arcface, curricularface, adaface, magface,
-  #                               elasticface_arc, elasticface_cos.
-  config.loss.s = 64.0  # Logit scale.
-  config.loss.m = 0.5  # Margin; an int for sphereface; (m1, m2, m3) for combined.
-  config.loss.auto_margin = ml_collections.ConfigDict()
-  config.loss.auto_margin.enabled = False  # Adapt m to keep acc_margin near `target`.
-  config.loss.auto_margin.target = 0.9  # The acc_margin the margin is steered towards.
-  config.loss.auto_margin.rate = 1e-3  # dm per step per unit of (acc_margin_ema - target).
-  config.loss.auto_margin.momentum = 0.99  # EMA decay of acc_margin (about 100 steps).
-  config.loss.auto_margin.m_min = 0.0
-  config.loss.auto_margin.m_max = 0.8
-  config.loss.auto_margin.warmup_steps = 0  # m is held this long (acc_margin starts near 0).
-  # Parameters of the modern kinds (adam_face/modern_losses.py; the papers' defaults):
-  config.loss.num_subcenters = 3  # subcenter_arcface: K sub-centres per class.
-  config.loss.t_alpha = 0.01  # curricularface / adaface: weight of the batch in running stats.
-  config.loss.h = 0.333  # adaface: concentration of the norm-based margin scaler.
-  config.loss.l_a = 10.0  # magface: feature-norm range [l_a, u_a] ...
-  config.loss.u_a = 110.0
-  config.loss.l_m = 0.45  # ... mapped linearly to the margin range [l_m, u_m].
-  config.loss.u_m = 0.8
-  config.loss.lambda_g = 35.0  # magface: weight of the magnitude regulariser.
-  config.loss.sigma = 0.05  # elasticface_arc / elasticface_cos: std of the per-sample margin.
+  # ---- margin-softmax loss (adam_face/margins.py): `kind` and only that kind's fields, at its
+  # paper's defaults; margins.loss_config(kind, **fields) builds one, and an unknown field is a
+  # one-line error naming the valid ones. Kinds: normface, cosface, arcface, sphereface, combined,
+  # adm, subcenter_arcface, curricularface, adaface, magface, elasticface_arc, elasticface_cos.
+  # arcface, cosface and adm also take `auto_margin` (margins.AutoMargin), off by default here.
+  config.loss = margins.loss_config("arcface", s=64.0, m=0.5)
 
   # ---- classifier head (adam_face/classifier.py), sharded by class over all devices
   config.head = ml_collections.ConfigDict()
@@ -95,7 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_clip_norm = 5.0  # Global-norm clipping; 0 disables it.
   config.optimizer.schedule = "polynomial"  # polynomial | cosine | step | constant.
   config.optimizer.warmup_steps = 0  # Linear warm-up from 0 to the peak.
-  config.optimizer.polynomial_power = 2.0  # insightface's PolyScheduler uses power 2.
+  # arcface_torch's PolynomialLRWarmup (recognition/arcface_torch/lr_scheduler.py) decays with
+  # power 1 (its default, which train_v2.py keeps); its older PolyScheduler used power 2.
+  config.optimizer.polynomial_power = 1.0
   config.optimizer.step_boundaries = ()  # Steps at which the `step` schedule divides lr by 10.
 
   # ---- bookkeeping

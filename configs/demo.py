@@ -4,10 +4,13 @@
 #           figures of a real run are in README.md.
 """The embedded default: ADAM (ADM + auto-margin) on synthetic_faces with the tiny backbone."""
 
+from adam_face import margins
 from configs import default
 
 
-def get_config():
+def get_config(loss_kind: str = "adm"):
+  """The demo; `--config=configs/demo.py:<kind>` trains it with another margin kind instead, at
+  that kind's paper defaults (adam_face/margins.py)."""
   config = default.get_config()
   config.dataset.name = "synthetic_faces"  # 300 identities x 20 images, built locally in ~1 min.
   config.dataset.shuffle_buffer = 6_000  # The whole training split.
@@ -17,17 +20,12 @@ def get_config():
   config.verification.eval_every_steps = 200
   config.model.name = "tiny"
   config.model.embedding_dim = 128
-  config.loss.kind = "adm"
-  config.loss.s = 32.0
-  config.loss.m = 0.3
-  config.loss.auto_margin.enabled = True
-  # acc_margin starts near 0, so the margin first falls towards m_min, then rises once the batch
-  # is classified correctly with the margin more than half of the time.
-  config.loss.auto_margin.target = 0.5
-  config.loss.auto_margin.rate = 2e-3
-  config.loss.auto_margin.momentum = 0.95
-  config.loss.auto_margin.m_min = 0.1
-  config.loss.auto_margin.m_max = 0.5
+  if loss_kind == "adm":  # ADAM: ADM with the auto-margin.
+    config.loss = margins.loss_config("adm", s=32.0, m=0.3, auto_margin={
+        "enabled": True, "target": 0.5, "rate": 2e-3, "momentum": 0.95, "m_min": 0.1,
+        "m_max": 0.5})
+  else:
+    config.loss = margins.loss_config(loss_kind)
   config.global_batch_size = 64
   config.num_train_steps = 600
   config.optimizer.learning_rate = 0.1

@@ -1,10 +1,10 @@
 # Run:      python -m adam_face.main --config=configs/vggface2_adm.py --workdir=/tmp/vggface2_adm
 # Data:     vggface2 plus lfw/cfp_fp/agedb_30 prepared as in README.md ("Datasets").
 # Runtime:  see README.md ("Expected runtimes"), derived from benchmarks/bench_train_step.py.
-# Reproduces: the ADAM seed's table row "VGGFace2, ADAM (ADM s=64, m=0.3 with auto-margin)", reported as
-#           acc / TAR@FAR=1e-1 / 1e-2 / 3e-3 / 1e-3 on LFW, CFP-FP and AgeDB-30, plus HETD. The seed's
+# Reproduces: the ADAM tables' row "VGGFace2, ADAM (ADM s=64, m=0.3 with auto-margin)", reported as
+#           acc / TAR@FAR=1e-1 / 1e-2 / 3e-3 / 1e-3 on LFW, CFP-FP and AgeDB-30, plus HETD. The published
 #           figures are not in this repository, and this config has not yet been run to completion.
-# Auto-margin: see adam_face/losses.py for its definition (the seed leaves it undefined);
+# Auto-margin: see adam_face/margins.py (AutoMargin) for its definition (the ADAM tables name it without defining it);
 # m starts at the value above and is steered to keep acc_margin near loss.auto_margin.target.
 """VGGFace2, ADAM (ADM s=64, m=0.3 with auto-margin)."""
 

@@ -1,9 +1,9 @@
 # Run:      python -m adam_face.main --config=configs/webface_magface.py --workdir=/tmp/webface_magface
 # Data:     casia_webface plus lfw/cfp_fp/agedb_30 prepared as in README.md ("Datasets").
 # Runtime:  see README.md ("Expected runtimes"), derived from benchmarks/bench_train_step.py.
-# Reproduces: no ADAM seed row (a method the field now compares against, issue 9); it reports
+# Reproduces: no row of the ADAM tables (a method the field now compares against); it reports
 #           acc / TAR@FAR=1e-1 / 1e-2 / 3e-3 / 1e-3 on LFW, CFP-FP, AgeDB-30 and HETD on the same
-#           CASIA-WebFace recipe as the seed rows. Not yet run to completion.
+#           CASIA-WebFace recipe as the table rows. Not yet run to completion.
 # MagFace's margin comes from the feature norm (loss.l_m .. loss.u_m); loss.m is unused.
 """CASIA-WebFace, MagFace (s=64, l_a=10, u_a=110, l_m=0.45, u_m=0.8, lambda_g=35; Meng et al., CVPR 2021)."""
 
@@ -11,4 +11,4 @@ from configs import recipes
 
 
 def get_config():
-  return recipes.webface("magface", s=64, m=0.0)
+  return recipes.webface("magface", s=64)

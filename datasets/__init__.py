@@ -5,7 +5,7 @@
   casia_webface      CASIA-WebFace; configs recordio (insightface release), folder (raw release)
   vggface2           VGGFace2; configs recordio, folder (aligned with its 5-point landmarks)
   face_verification  verification pairs; configs lfw, cfp_fp, cfp_ff, agedb_30, calfw, cplfw,
-                     vgg2_fp
+                     vgg2_fp; path= any .bin or LFW pairs file
 
 The package is named `datasets` as the issue asks, which shadows HuggingFace's `datasets`
 inside this repository; TFDS imports that only lazily, for its HuggingFace builders, which are not

@@ -27,8 +27,9 @@ IMAGE_EXTENSIONS = (
   ".tiff",
   ".webp",
 )
-# tf.io.decode_image reads these formats in these modes as they are (greyscale expands to 3
-# channels at decode time), so such bytes are stored unchanged.
+# TF reads these formats in these modes as they are, to the same pixels as pillow
+# (adam_face/train_input.py: decode_image; greyscale expands to 3 channels at decode time), so
+# such bytes are stored unchanged.
 _TF_DECODABLE = {"JPEG": ("L", "RGB"), "PNG": ("L", "RGB")}
 # 8-bit pixel modes that convert to L or RGB without losing meaning (16-bit and float greyscale
 # would need a rescaling guess, so such files are refused).

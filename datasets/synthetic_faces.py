@@ -8,7 +8,7 @@ Splits:
   train    num_identities x images_per_identity images, labels 0..num_identities-1.
   heldout  num_heldout_identities x heldout_images_per_identity images of further identities,
            never seen in training; their label is -1 (no training class) and `identity` tells them
-           apart. The 'synthetic' verification set pairs these images (input_pipeline).
+           apart. The 'synthetic' verification set pairs these images (verification_sets).
 
 The default config suits a 2-core laptop (6,000 training images, 240 held-out; about a minute to
 build). Builder kwargs with the config's field names make any other size, e.g.

@@ -23,7 +23,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import pytest  # noqa: E402
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from fixtures_data import REPO_ROOT, SMALL_SYNTHETIC  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +35,45 @@ def orl_dir():
   if not (path / "s1" / "1.pgm").exists():
     pytest.skip(f"ORL faces not found at {path} (set ADAM_FACE_ORL_DIR)")
   return path
+
+
+@pytest.fixture(scope="session")
+def lfw_dev_dir():
+  """The aligned LFW dev data beside the checkout (or $ADAM_FACE_LFW_DEV_DIR); skips where
+  absent. It is read in place, never copied into the repository."""
+  path = pathlib.Path(
+    os.environ.get("ADAM_FACE_LFW_DEV_DIR", REPO_ROOT.parent / "shared" / "data" / "lfw_dev")
+  )
+  if not (path / "dev.bin").exists() or not (path / "train").is_dir():
+    pytest.skip(f"lfw_dev data not found at {path} (set ADAM_FACE_LFW_DEV_DIR)")
+  return path
+
+
+@pytest.fixture(scope="session")
+def mesh8():
+  """The training program's one-axis mesh (classifier.create_mesh) over the 8 forced devices."""
+  # Imported on first use, not at the top: a broken adam_face module then fails only the tests
+  # that need the mesh instead of the collection of every test.
+  import jax  # pylint: disable=g-import-not-at-top
+  from adam_face import classifier  # pylint: disable=g-import-not-at-top
+
+  assert jax.device_count() == 8, "XLA_FLAGS above forces 8 host devices"
+  return classifier.create_mesh()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def synthetic_config(data_dir):
+  """A module's own small synthetic_faces build (SMALL_SYNTHETIC): 20 training images of 5
+  identities at 20x20, read at 16x16 (so resizing is exercised)."""
+  from adam_face import config_lib, data_builders  # pylint: disable=g-import-not-at-top
+
+  config = config_lib.default_dataset_config(
+    data_dir=data_dir, image_size=16, shuffle_buffer=8, builder_kwargs=SMALL_SYNTHETIC
+  )
+  data_builders.dataset_info(config)  # Prepares it once for the module.
+  return config

@@ -5,7 +5,6 @@ Each builder is prepared once per module (module-scoped fixtures) into this modu
 
 import io
 import pickle
-import struct
 
 import numpy as np
 import pytest
@@ -19,36 +18,13 @@ from datasets import images
 from datasets import pairs
 from datasets import synthetic_faces
 from datasets import vggface2
-from test_recordio import encode_record
-from test_recordio import image_payload
-from test_recordio import meta_payload
-from test_recordio import write_recordio
-
-MAGIC_WORD = b"\x0a\x23\xd7\xce"
-
-
-def encoded_image(seed: int, size=(112, 112), mode="RGB", fmt="JPEG") -> bytes:
-  """A smooth random image (width, height) in `mode`, encoded as `fmt`."""
-  rng = np.random.default_rng(seed)
-  small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-  image = Image.fromarray(small).resize(size, Image.Resampling.BILINEAR).convert(mode)
-  buffer = io.BytesIO()
-  image.save(buffer, format=fmt)
-  return buffer.getvalue()
-
-
-def python2_pair_bin(bins: list[bytes], issame: list[bool]) -> bytes:
-  """(bins, issame) pickled as Python 2 does at protocol 2: str as (SHORT_)BINSTRING opcodes."""
-  out = [b"\x80\x02", b"]q\x01("]  # PROTO 2; EMPTY_LIST, BINPUT (memo, as Python 2 does), MARK
-  for b in bins:
-    if len(b) < 256:
-      out.append(b"U" + bytes([len(b)]) + b)  # SHORT_BINSTRING
-    else:
-      out.append(b"T" + struct.pack("<i", len(b)) + b)  # BINSTRING
-  out.append(b"e](")  # APPENDS; EMPTY_LIST, MARK
-  out.extend(b"\x88" if s else b"\x89" for s in issame)  # NEWTRUE / NEWFALSE
-  out.append(b"e\x86.")  # APPENDS, TUPLE2, STOP
-  return b"".join(out)
+from fixtures_data import MAGIC_WORD
+from fixtures_data import encode_record
+from fixtures_data import encoded_image
+from fixtures_data import image_payload
+from fixtures_data import meta_payload
+from fixtures_data import python2_pair_bin
+from fixtures_data import write_recordio
 
 
 def prepare(name, data_dir, manual_dir=None, **kwargs):
@@ -343,6 +319,39 @@ def test_verification_bin_is_checked(tmp_path, verification_manual_dir, data_dir
   assert face_verification.consecutive_folds(23, 10).tolist() == (
     [0] * 3 + [1] * 3 + [2] * 3 + sum(([f] * 2 for f in range(3, 10)), [])
   )
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])
+def test_verification_bin_of_every_python3_protocol(tmp_path, protocol):
+  """Protocols 0-2 store bytes as _codecs.encode(str, 'latin1') (b'' as bytes()), 5 stores numpy
+  arrays through _frombuffer: a .bin any Python 3 wrote loads."""
+  bins = [encoded_image(0), b"", bytes(range(256)), encoded_image(1)]
+  path = tmp_path / "any.bin"
+  path.write_bytes(pickle.dumps((bins, [True, False]), protocol=protocol))
+  loaded, issame = face_verification.load_pair_bin(path)
+  assert loaded == bins and issame.tolist() == [True, False]
+  arrays = [np.frombuffer(b, np.uint8) for b in bins]
+  path.write_bytes(pickle.dumps((arrays, np.array([False, True])), protocol=protocol))
+  loaded, issame = face_verification.load_pair_bin(path)
+  assert loaded == bins and issame.tolist() == [False, True]
+
+
+@pytest.mark.parametrize(
+  "payload, message",
+  [
+    (b"c_codecs\nencode\n(Vabc\nVrot13\ntR.", r"encode\(str, 'latin1'\).* encode\(str, 'rot13'\)"),
+    (b"c_codecs\nencode\n(C\x03abcVzlib_codec\ntR.", r"got encode\(bytes, 'zlib_codec'\)"),
+    (b"c__builtin__\nbytes\n(I1000000000\ntR.", r"only as bytes\(\)"),
+    (b"c_codecs\ndecode\n(C\x03abcVlatin1\ntR.", r"_codecs.decode is not allowed"),
+  ],
+)
+def test_verification_bin_allows_the_bytes_globals_only_as_pickle_calls_them(
+  tmp_path, payload, message
+):
+  evil = tmp_path / "evil.bin"
+  evil.write_bytes(payload)
+  with pytest.raises(pickle.UnpicklingError, match=message):
+    face_verification.load_pair_bin(evil)
 
 
 def test_lfw_original_layout(tmp_path_factory):

@@ -12,17 +12,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from adam_face import classifier, config_lib, input_pipeline, train, train_step
-from configs import default, demo_fusion
+from adam_face import classifier, config_lib, margins, train, train_input, train_step
+from configs import demo_fusion
 from tiny_config import TINY_DATA, tiny_demo_config
 
 D = 16
-
-
-@pytest.fixture(scope="module")
-def mesh8():
-  assert jax.device_count() == 8, "tests/conftest.py forces 8 host devices"
-  return classifier.create_mesh()
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +43,15 @@ def test_fused_batches_split_back_into_each_datasets_own_stream(folder_tree, mes
   datasets = config_lib.training_datasets(config)
   sizes = config_lib.dataset_batch_sizes(config)
   assert sizes == (16, 16) and datasets[1].image_size == config.dataset.image_size
-  fused = input_pipeline.create_fused_train_iterator(datasets, batch_sizes=sizes, seed=3,
+  fused = train_input.create_fused_train_iterator(datasets, batch_sizes=sizes, seed=3,
                                                      start_step=2)
-  alone = [input_pipeline.create_train_iterator(
-      dataset, global_batch_size=16, seed=input_pipeline.dataset_seed(3, k), start_step=2)
+  alone = [train_input.create_train_iterator(
+      dataset, global_batch_size=16, seed=train_input.dataset_seed(3, k), start_step=2)
             for k, dataset in enumerate(datasets)]
   batch = next(fused)
   on_devices = jax.device_put(batch["label"],
                               jax.sharding.NamedSharding(mesh8, jax.sharding.PartitionSpec("data")))
-  split = jax.jit(lambda x: train_step.split_by_dataset(x, sizes, mesh8.size))
+  split = jax.jit(lambda x: train_input.split_by_dataset(x, sizes, mesh8.size))
   for part, stream in zip(split(on_devices), alone):
     np.testing.assert_array_equal(np.asarray(part), next(stream)["label"])
   # The split moves no data between devices.
@@ -67,15 +61,14 @@ def test_fused_batches_split_back_into_each_datasets_own_stream(folder_tree, mes
 
 def test_each_dataset_draws_its_own_stream():
   """The first dataset trains as it would alone; the others are not copies of that stream."""
-  assert input_pipeline.dataset_seed(3, 0) == 3
-  assert len({input_pipeline.dataset_seed(3, k) for k in range(4)}) == 4
+  assert train_input.dataset_seed(3, 0) == 3
+  assert len({train_input.dataset_seed(3, k) for k in range(4)}) == 4
 
 
-def _heads_loss(mesh, heads, embeddings, labels, num_classes, config):
+def _heads_loss(mesh, centers, embeddings, labels, heads):
   return train_step.fused_margin_loss(
-      heads, embeddings, labels, config=config, step_margins=[0.5] * len(heads),
-      loss_states=[{}] * len(heads), keys=list(jax.random.split(jax.random.key(0), len(heads))),
-      mesh=mesh, num_classes=num_classes)
+      centers, [{}] * len(heads), embeddings, labels,
+      list(jax.random.split(jax.random.key(0), len(heads))), heads=heads, mesh=mesh)
 
 
 def test_one_person_under_two_labels_gets_no_conflicting_gradient(mesh8):
@@ -86,10 +79,8 @@ def test_one_person_under_two_labels_gets_no_conflicting_gradient(mesh8):
   agree. Merged into one label space (the check that this test can fail), A's image of P pushes
   B's centre of P away.
   """
-  config = default.get_config()
-  config.loss.kind = "arcface"
-  config.global_batch_size = 16
-  config.extra_datasets = ({"name": "dataset_b"},)
+  arcface = margins.ArcFace(s=64.0, m=0.5)
+  two_heads = (train_step.Head("a", 8, 8, arcface), train_step.Head("b", 8, 8, arcface))
   rng = np.random.default_rng(0)
   person = rng.normal(size=D).astype(np.float32)
   person /= np.linalg.norm(person)
@@ -106,7 +97,7 @@ def test_one_person_under_two_labels_gets_no_conflicting_gradient(mesh8):
   embeddings, labels = jax.device_put(embeddings, batch), jax.device_put(labels, batch)
 
   def a_rows_only(heads, emb):
-    _, (dataset_losses, *_), _ = _heads_loss(mesh8, heads, emb, labels, (8, 8), config)
+    _, (dataset_losses, *_) = _heads_loss(mesh8, heads, emb, labels, two_heads)
     return dataset_losses[0], dataset_losses[1]
 
   centers = tuple({"centers": jax.device_put(h, classifier.centers_sharding(mesh8))}
@@ -122,16 +113,13 @@ def test_one_person_under_two_labels_gets_no_conflicting_gradient(mesh8):
 
   # One merged label space: B's classes follow A's. Only P's image in A is left non-zero (a zero
   # embedding gives the centres no gradient), so the centre gradients below come from it alone.
-  merged_config = default.get_config()
-  merged_config.loss.kind, merged_config.global_batch_size = "arcface", 16
   merged_labels = jax.device_put(jnp.where(jnp.arange(16) % 2 == 1, labels + 8, labels), batch)
   merged_heads = ({"centers": jax.device_put(np.concatenate(heads),
                                              classifier.centers_sharding(mesh8))},)
 
   def merged_loss(heads, emb):
-    return train_step.fused_margin_loss(
-        heads, emb, merged_labels, config=merged_config, step_margins=[0.5], loss_states=[{}],
-        keys=[jax.random.key(0)], mesh=mesh8, num_classes=(16,))[0]
+    merged_head = train_step.Head("ab", 16, 16, arcface)
+    return _heads_loss(mesh8, heads, emb, merged_labels, (merged_head,))[0]
 
   grad_heads = jax.jit(jax.grad(merged_loss))(merged_heads, embeddings.at[1:].set(0.0))
   # The centres are normalised, so gradients are tangential: the push is along P's image.
@@ -179,6 +167,8 @@ def _scalars(workdir):
   return scalars
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_synthetic_and_orl_train_together(orl_dir, tmp_path):
   """The fusion demo shrunk to seconds: two real heads learn side by side, each with its own
   auto-margin, and both verification sets are evaluated."""
@@ -204,8 +194,8 @@ def test_synthetic_and_orl_train_together(orl_dir, tmp_path):
   synthetic_head, orl_head = state["params"]["head"]
   assert synthetic_head["centers"].shape == (TINY_DATA["num_identities"], 128)
   assert orl_head["centers"].shape == (32, 128)  # 30 identities padded to the 8 devices.
-  margins = [float(m["m"]) for m in state["margin"]]
-  assert margins[0] != margins[1], "each head steers its own margin"
+  ema = [float(m["acc_margin_ema"]) for m in state["margin_states"]]
+  assert ema[0] != ema[1], "each head keeps its own auto-margin state"
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["extra_datasets"][0]["name"] == "image_folder/orl_s1_s30"
 
@@ -213,15 +203,13 @@ def test_synthetic_and_orl_train_together(orl_dir, tmp_path):
 def test_fused_step_with_partial_fc_and_running_statistics_per_head(mesh8):
   """CurricularFace (running statistic t per head) with Partial FC sampling on two heads: each
   head keeps its own t, and each head's unsampled centres stay exactly as they were."""
-  config = tiny_demo_config(**{"loss.kind": "curricularface", "loss.m": 0.5,
-                               "loss.auto_margin.enabled": False, "head.sample_rate": 0.25,
-                               "global_batch_size": 32, "optimizer.warmup_steps": 0})
+  config = tiny_demo_config(**{"loss": margins.loss_config("curricularface", m=0.5),
+                               "head.sample_rate": 0.25, "global_batch_size": 32,
+                               "optimizer.warmup_steps": 0})
   config.extra_datasets = ({"name": "image_folder", "weight": 1.0},)
   num_classes = (16, 512)  # Head 1 samples 16 of its 64 centres per shard and step.
   model = train.models.create_model("tiny", embedding_dim=config.model.embedding_dim)
-  learning_rate_fn = train_step.create_learning_rate_fn(config, 10)
-  tx = train_step.create_optimizer(config, learning_rate_fn)
-  state, shardings = train_step.create_train_state(config, model, mesh8, num_classes, tx)
+  state, shardings = train_step.create_train_state(config, model, mesh8, num_classes, 10)
   rng = np.random.default_rng(0)
   # Device-major: each device holds 2 rows of dataset 0 (labels < 16), then 2 of dataset 1.
   labels = np.stack([rng.integers(0, 16, (8, 2)), rng.integers(0, 512, (8, 2))], axis=1)
@@ -229,13 +217,11 @@ def test_fused_step_with_partial_fc_and_running_statistics_per_head(mesh8):
   batch = {"image": jax.device_put(rng.normal(size=(32, 32, 32, 3)).astype(np.float32),
                                    batch_sharding),
            "label": jax.device_put(labels.reshape(32).astype(np.int32), batch_sharding)}
-  step = jax.jit(lambda s, b: train_step.train_step(
-      s, b, model=model, tx=tx, learning_rate_fn=learning_rate_fn, mesh=mesh8,
-      num_classes=num_classes, config=config), in_shardings=(shardings, batch_sharding))
+  step = jax.jit(train_step.train_step, in_shardings=(shardings, batch_sharding))
   before = jax.device_get(state.params["head"])
   new_state, metrics = step(state, batch)
   after = jax.device_get(new_state.params["head"])
-  t = [float(s["t"]) for s in jax.device_get(new_state.loss_state)]
+  t = [float(s["t"]) for s in jax.device_get(new_state.margin_states)]
   assert t[0] != t[1], "each head keeps its own CurricularFace statistic"
   for head, classes in enumerate(num_classes):
     changed = np.any(after[head]["centers"] != before[head]["centers"], axis=1)

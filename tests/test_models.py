@@ -243,6 +243,7 @@ def cosine(a, b):
   return jnp.sum(a * b, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1))
 
 
+@pytest.mark.slow  # About 10 s per case on 2 CPU cores, compiling the model in both dtypes.
 @pytest.mark.parametrize("train", [False, True])
 def test_bfloat16_agrees_with_float32(tiny_setup, train):
   # bfloat16 keeps 8 significant bits (relative rounding error <= 2^-9 ~ 0.2% per operation);

@@ -9,7 +9,12 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO_ROOT
+import pytest
+
+from fixtures_data import REPO_ROOT
+
+# Two processes each compile and run the training program: minutes on 2 CPU cores.
+pytestmark = [pytest.mark.multihost, pytest.mark.e2e, pytest.mark.slow]
 
 
 def _free_port() -> int:

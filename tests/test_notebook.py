@@ -5,7 +5,11 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO_ROOT
+import pytest
+
+from fixtures_data import REPO_ROOT
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "adam_face_colab.ipynb"
 

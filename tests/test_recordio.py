@@ -1,11 +1,9 @@
 """The RecordIO reader against files from an independent writer of the MXNet byte format.
 
-The writer here follows the format description (data/README.md), not the reader: payloads are split
-wherever the magic word sits at a 4-byte aligned offset, the word is dropped, and the parts are
-flagged 1 (first), 2 (middle), 3 (last).
+The writer (tests/fixtures_data.py) follows the format description in the docstring of
+datasets/recordio.py, not the reader: payloads are split wherever the magic word sits at a 4-byte
+aligned offset, the word is dropped, and the parts are flagged 1 (first), 2 (middle), 3 (last).
 """
-
-import struct
 
 import hypothesis
 import hypothesis.strategies as st
@@ -13,54 +11,11 @@ import numpy as np
 import pytest
 
 from datasets import recordio
-
-MAGIC_WORD = b"\x0a\x23\xd7\xce"  # 0xced7230a, little-endian.
-
-
-def _part(cflag: int, data: bytes) -> bytes:
-  return (
-    MAGIC_WORD
-    + struct.pack("<I", (cflag << 29) | len(data))
-    + data
-    + b"\x00" * ((4 - len(data) % 4) % 4)
-  )
-
-
-def encode_record(payload: bytes) -> bytes:
-  """One logical record as MXNet's writer lays it out."""
-  parts, start = [], 0
-  for pos in range(0, len(payload) - 3, 4):
-    if payload[pos : pos + 4] == MAGIC_WORD:
-      parts.append(payload[start:pos])
-      start = pos + 4
-  parts.append(payload[start:])
-  if len(parts) == 1:
-    return _part(0, parts[0])
-  flags = [1] + [2] * (len(parts) - 2) + [3]
-  return b"".join(_part(f, p) for f, p in zip(flags, parts))
-
-
-def write_recordio(rec_path, idx_path, records: dict[int, bytes]) -> None:
-  """Writes records {key: payload} in key order, with the `.idx` of their byte offsets."""
-  blob, lines = b"", []
-  for key in sorted(records):
-    lines.append(f"{key}\t{len(blob)}\n")
-    blob += encode_record(records[key])
-  rec_path.write_bytes(blob)
-  idx_path.write_text("".join(lines))
-
-
-def image_payload(label, image: bytes, record_id: int = 0) -> bytes:
-  """Header `<IfQQ` then, for a label sequence, flag=len float32 labels, then the image bytes."""
-  if np.ndim(label) == 0:
-    return struct.pack("<IfQQ", 0, float(label), record_id, 0) + image
-  labels = np.asarray(label, np.float32)
-  return struct.pack("<IfQQ", len(labels), 0.0, record_id, 0) + labels.tobytes() + image
-
-
-def meta_payload(num_images: int, num_identities: int) -> bytes:
-  """Record 0 of the insightface layout: labels (first identity record, end of those)."""
-  return image_payload([num_images + 1, num_images + 1 + num_identities], b"")
+from fixtures_data import MAGIC_WORD
+from fixtures_data import encode_record
+from fixtures_data import image_payload
+from fixtures_data import meta_payload
+from fixtures_data import write_recordio
 
 
 def test_split_records_come_back_whole(tmp_path):

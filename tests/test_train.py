@@ -13,9 +13,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from adam_face import config_lib, evaluate, input_pipeline, train
-from conftest import REPO_ROOT
+from adam_face import config_lib, evaluate, report, train, train_input
+from fixtures_data import REPO_ROOT
 from tiny_config import TINY_DATA, tiny_demo_config
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 
 def _params(workdir):
   with ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints"))) as manager:
@@ -37,10 +40,13 @@ def test_training_writes_results_table_and_roc(uninterrupted):
   assert "synthetic" in saved["metrics"] and 0.0 <= saved["metrics"]["synthetic"]["accuracy"] <= 1
   assert saved["table"].splitlines()[1].startswith("synthetic")
   assert os.path.getsize(os.path.join(workdir, "roc.png")) > 1000
+  assert os.path.getsize(os.path.join(workdir, "margin.png")) > 1000
+  logged = report.read_train_log(os.path.join(workdir, "train_log.jsonl"))
+  assert [row["step"] for row in logged] == [4, 8] and "margin" in logged[0]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
   step, state = _params(workdir)
   assert step == 8
-  assert "acc_margin_ema" in state["margin"][0], "the auto-margin state is checkpointed"
+  assert "acc_margin_ema" in state["margin_states"][0], "the auto-margin state is checkpointed"
 
 
 def test_crash_then_resume_gives_identical_parameters(uninterrupted, tmp_path, monkeypatch):
@@ -48,7 +54,7 @@ def test_crash_then_resume_gives_identical_parameters(uninterrupted, tmp_path, m
   exactly the parameters, optimiser state and auto-margin of an uninterrupted run."""
   reference_dir, _ = uninterrupted
   workdir = str(tmp_path)
-  real_iterator = input_pipeline.create_train_iterator
+  real_iterator = train_input.create_train_iterator
 
   def dies_after_five_batches(*args, **kwargs):
     iterator = real_iterator(*args, **kwargs)
@@ -56,11 +62,11 @@ def test_crash_then_resume_gives_identical_parameters(uninterrupted, tmp_path, m
       yield next(iterator)
     raise RuntimeError("simulated crash")
 
-  monkeypatch.setattr(input_pipeline, "create_train_iterator", dies_after_five_batches)
+  monkeypatch.setattr(train_input, "create_train_iterator", dies_after_five_batches)
   with pytest.raises(RuntimeError, match="simulated crash"):
     train.train_and_evaluate(tiny_demo_config(), workdir)
   assert _params(workdir)[0] == 3, "the checkpoint of step 3 survives; steps 4-5 are lost"
-  monkeypatch.setattr(input_pipeline, "create_train_iterator", real_iterator)
+  monkeypatch.setattr(train_input, "create_train_iterator", real_iterator)
   train.train_and_evaluate(tiny_demo_config(), workdir)
 
   best = json.load(open(os.path.join(workdir, "best.json")))
@@ -110,9 +116,16 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 def test_unknown_config_key_is_one_clear_line():
   config = tiny_demo_config()
   config.unlock()
-  config.loss.margn = 0.3
-  with pytest.raises(ValueError, match=r"Unknown config key 'loss.margn'; valid keys under "
-                                       r"'loss' are: auto_margin, h, kind, l_a, .*, m, "):
+  config.loss.mm = 0.3
+  with pytest.raises(ValueError, match=r"^Unknown field config.loss.mm for kind='adm'. Did "
+                                       r"you mean 'm'\? Valid fields: auto_margin, kind, m, s. "
+                                       r"\(Each kind has its own fields: to switch kinds, .*"
+                                       r"--config=configs/demo.py:curricularface.\)$"):
+    config_lib.validate_config(config)
+  config = tiny_demo_config()
+  config.loss.auto_margin.traget = 0.5
+  with pytest.raises(ValueError, match=r"config.loss.auto_margin.traget .* Did you mean "
+                                       r"'auto_margin.target'"):
     config_lib.validate_config(config)
 
 

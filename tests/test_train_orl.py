@@ -10,8 +10,10 @@ the same training reached 84.22 %: with 300 training images the network overfits
 
 import pytest
 
-from adam_face import classifier, evaluation, models, train, train_step
+from adam_face import models, train, train_step, verification
 from configs import demo
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +37,13 @@ def orl_config(orl_dir):
   return config
 
 
-def test_training_on_orl_beats_the_untrained_network(orl_config, tmp_path):
+def test_training_on_orl_beats_the_untrained_network(orl_config, tmp_path, mesh8):
   sets = train.load_verification_sets(orl_config)
-  mesh = classifier.create_mesh()
   model = models.create_model(orl_config.model.name,
                               embedding_dim=orl_config.model.embedding_dim)
   tx = train_step.create_optimizer(orl_config, train_step.create_learning_rate_fn(orl_config, 1))
-  untrained_state, _ = train_step.create_train_state(orl_config, model, mesh, (30,), tx)
-  untrained = evaluation.Evaluator(sets, batch_size=256, mesh=mesh)(
+  untrained_state, _ = train_step.create_train_state(orl_config, model, mesh8, (30,), tx)
+  untrained = verification.Evaluator(sets, batch_size=256, mesh=mesh8)(
       train_step.embed_fn_for(model, untrained_state)).metrics["orl"]
 
   trained = train.train_and_evaluate(orl_config, str(tmp_path))["metrics"]["orl"]

@@ -1,4 +1,4 @@
-"""Pair-verification evaluation: embeddings, exact verification metrics, HETD, reports.
+"""Exact pair-verification metrics from scores (numpy only): accuracy, TAR@FAR, ROC, HETD.
 
 Conventions (exact; no threshold grid anywhere):
 
@@ -23,9 +23,9 @@ Conventions (exact; no threshold grid anywhere):
 * ROC: one point per distinct score used as a cut, from (0, 0) to (1, 1). AUC is the area under
   that polygon, which equals the Mann-Whitney statistic with ties counted one half. EER is where
   the polygon crosses FAR = 1 - TAR (linear interpolation along the segment that crosses it).
-* HETD (hard-examples test dataset of the ADAM seed): LFW, CFP-FP and AgeDB-30 pooled into one
-  set of 9,500 genuine and 9,500 impostor pairs, fold k of the pool being fold k of every member,
-  scored with FARs (1e-1, 1e-2, 1e-3, 3e-4).
+* HETD (hard-examples test dataset): LFW, CFP-FP and AgeDB-30 (HETD_MEMBERS) pooled into one set
+  of 9,500 genuine and 9,500 impostor pairs, fold k of the pool being fold k of every member,
+  scored with FARs (1e-1, 1e-2, 1e-3, 3e-4) (HETD_FARS).
 
 Everything after the scores costs one (unstable) sort of the scores, O(N) per fold (a segmented
 maximum over that one sorted order; no per-fold re-sort or copy) and O(N) for the rest: about
@@ -37,132 +37,18 @@ from __future__ import annotations
 
 import dataclasses
 import fractions
-import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
-import jax
-from jax.experimental import multihost_utils
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 DEFAULT_FARS = (1e-1, 1e-2, 3e-3, 1e-3)
 HETD_FARS = (1e-1, 1e-2, 1e-3, 3e-4)
 HETD_MEMBERS = ("lfw", "cfp_fp", "agedb_30")
 HETD_NAME = "hetd"
-FLIP_MODES = ("none", "sum", "concat")
 
 # Bytes of each embedding block pair_scores reads at a time: a pair of blocks fits in L2 cache.
 _SCORE_BLOCK_BYTES = 1 << 18
-
-
-# --------------------------------------------------------------------------------------------
-# Embeddings.
-
-
-def compute_embeddings(embed_fn: Callable[[jax.Array], jax.Array], images_uint8: np.ndarray, *,
-                       batch_size: int, mesh: jax.sharding.Mesh, flip: str = "sum") -> np.ndarray:
-  """L2-normalised embeddings of uint8 images, in jitted batches sharded over every mesh device.
-
-  Args:
-    embed_fn: maps float32 images [b, H, W, C], normalised as (x - 127.5) / 128, to [b, D]. It is
-      jitted here. Pass a ``jax.tree_util.Partial(apply_fn, variables)`` to make the variables
-      traced arguments: a plain closure bakes them into the program as constants and, being a new
-      object on every call, recompiles each time.
-    images_uint8: uint8 [N, H, W, C] (numpy; the same full array on every process).
-    batch_size: global batch size, a multiple of the number of mesh devices. The last partial
-      batch is zero-padded to it and its padding rows are discarded, so no image is dropped.
-    mesh: the batch axis is sharded over all of its axes.
-    flip: 'none' (the image only), 'sum' (embedding of the image plus that of its horizontal
-      flip, the standard flip test) or 'concat' (the two embeddings concatenated, [N, 2D]).
-      The combined embedding is L2-normalised.
-
-  Returns:
-    float32 [N, D] (or [N, 2D] for 'concat'), rows of unit norm.
-  """
-  if flip not in FLIP_MODES:
-    raise ValueError(f"flip={flip!r} is not one of {FLIP_MODES}.")
-  images = np.asarray(images_uint8)
-  if images.dtype != np.uint8 or images.ndim != 4:
-    raise ValueError(f"images_uint8 must be uint8 [N, H, W, C]; got {images.dtype} "
-                     f"{images.shape}. Pass the undecoded, unnormalised pixels: this function "
-                     "normalises them itself.")
-  num_images = images.shape[0]
-  if num_images == 0:
-    raise ValueError("images_uint8 holds no images.")
-  if batch_size <= 0 or batch_size % mesh.size:
-    raise ValueError(f"batch_size={batch_size} must be a positive multiple of the mesh's "
-                     f"{mesh.size} devices (e.g. {mesh.size * max(1, -(-batch_size // mesh.size))}).")
-  if not isinstance(embed_fn, jax.tree_util.Partial):
-    embed_fn = jax.tree_util.Partial(embed_fn)
-
-  batch_sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
-  step = _embedding_step(mesh, flip)
-  outputs = []
-  for start in range(0, num_images, batch_size):
-    batch = images[start:start + batch_size]
-    num_valid = batch.shape[0]
-    if num_valid < batch_size:
-      batch = np.concatenate(
-          [batch, np.zeros((batch_size - num_valid,) + batch.shape[1:], np.uint8)])
-    global_batch = jax.make_array_from_callback(batch.shape, batch_sharding,
-                                                lambda index, batch=batch: batch[index])
-    # Dispatch stays asynchronous: results are fetched once every batch is queued.
-    outputs.append((step(embed_fn, global_batch, num_valid), num_valid))
-
-  embeddings, norms = [], []
-  for (emb, norm), num_valid in outputs:
-    embeddings.append(_to_host(emb)[:num_valid])
-    norms.append(_to_host(norm)[:num_valid])
-  embeddings, norms = np.concatenate(embeddings), np.concatenate(norms)
-  bad = np.flatnonzero(~(np.isfinite(norms) & (norms > 0)))
-  if bad.size:
-    raise ValueError(f"embed_fn gave {bad.size} embeddings with zero or non-finite norm (first "
-                     f"at image {bad[0]}, norm {norms[bad[0]]}); their cosine scores would be "
-                     "undefined. Check the model variables and the input images.")
-  return embeddings
-
-
-@functools.lru_cache(maxsize=None)
-def _embedding_step(mesh: jax.sharding.Mesh, flip: str):
-  """Jitted batch embedding for one mesh and flip mode; jit itself caches per embed_fn."""
-
-  def step(embed_fn, images_uint8, num_valid):
-    images = (images_uint8.astype(jnp.float32) - 127.5) / 128.0
-    emb = _checked_embed(embed_fn, images)
-    if flip != "none":
-      emb_flipped = _checked_embed(embed_fn, images[:, :, ::-1, :])
-      emb = emb + emb_flipped if flip == "sum" else jnp.concatenate([emb, emb_flipped], axis=-1)
-    norm = jnp.sqrt(jnp.sum(jnp.square(emb), axis=-1))
-    # Padding rows may embed to zero; a unit divisor keeps them finite (they are discarded).
-    is_valid = jnp.arange(emb.shape[0]) < num_valid
-    return emb / jnp.where(is_valid, norm, 1.0)[:, None], norm
-
-  # Outputs stay batch-sharded and are gathered on the host: no device collective, so batches
-  # in flight at once cannot starve each other (XLA:CPU runs every device of every in-flight
-  # program on one shared thread pool, where concurrent all-gathers can deadlock).
-  batch_sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
-  return jax.jit(step, out_shardings=(batch_sharding, batch_sharding))
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  """The whole array on this host, from every process when it spans several."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _checked_embed(embed_fn, images):
-  emb = embed_fn(images)
-  if emb.ndim != 2 or emb.shape[0] != images.shape[0]:
-    raise ValueError(f"embed_fn must map [b, H, W, C] images to [b, D] embeddings; it mapped "
-                     f"{images.shape} to {emb.shape}.")
-  return emb.astype(jnp.float32)
-
-
-# --------------------------------------------------------------------------------------------
-# Scores and metrics (numpy).
 
 
 def pair_scores(emb_a: np.ndarray, emb_b: np.ndarray) -> np.ndarray:
@@ -197,10 +83,17 @@ def pair_scores(emb_a: np.ndarray, emb_b: np.ndarray) -> np.ndarray:
 
 
 def consecutive_folds(num_pairs: int, num_folds: int = 10) -> np.ndarray:
-  """Fold id of each pair for folds of consecutive pairs (sizes as np.array_split), int32 [N]."""
-  if not 2 <= num_folds <= num_pairs:
-    raise ValueError(f"num_folds={num_folds} must lie in [2, num_pairs={num_pairs}].")
-  sizes = [len(part) for part in np.array_split(np.empty(num_pairs, np.int8), num_folds)]
+  """Fold id of each pair for folds of consecutive pairs, int32 [num_pairs].
+
+  Sizes as np.array_split: the first num_pairs % num_folds folds hold one pair more. With fewer
+  pairs than folds the last folds are empty; datasets/face_verification.py numbers even a tiny
+  .bin so, and the metrics themselves require 2 <= num_folds <= num_pairs.
+  """
+  if num_folds < 1 or num_pairs < 0:
+    raise ValueError(f"num_folds={num_folds} must be positive and num_pairs={num_pairs} "
+                     "non-negative.")
+  sizes = np.full(num_folds, num_pairs // num_folds)
+  sizes[:num_pairs % num_folds] += 1
   return np.repeat(np.arange(num_folds, dtype=np.int32), sizes)
 
 
@@ -241,7 +134,7 @@ def verification_metrics_from_scores(scores: np.ndarray, is_same: np.ndarray,
   """
   scores, is_same = _checked_scores(scores, is_same, need_both_classes=True)
   fold_codes = _checked_folds(folds, len(scores))
-  fars = _checked_fars(fars)
+  fars = checked_fars(fars)
   ranked = _RankedPairs.of(scores, is_same)
   fold_threshold, fold_accuracy = _cross_validated_cuts(ranked, fold_codes[ranked.order])
 
@@ -301,7 +194,7 @@ def hetd_metrics(parts: Mapping[str, Mapping[str, np.ndarray]],
                  fars: Sequence[float] = HETD_FARS) -> dict:
   """Metrics of the hard-examples test dataset: the given sets' pairs pooled (see pool_scores).
 
-  The ADAM seed's HETD pools LFW, CFP-FP and AgeDB-30 (HETD_MEMBERS).
+  HETD pools LFW, CFP-FP and AgeDB-30 (HETD_MEMBERS), the sets verification.Evaluator passes.
   """
   pooled = pool_scores(parts)
   return verification_metrics_from_scores(pooled["scores"], pooled["is_same"], pooled["fold"],
@@ -313,6 +206,14 @@ def far_label(far: float) -> str:
   mantissa, exponent = f"{far:e}".split("e")
   mantissa = mantissa.rstrip("0").rstrip(".")
   return f"{mantissa}e{int(exponent)}"
+
+
+def checked_fars(fars: Sequence[float]) -> tuple[float, ...]:
+  """The FARs as a tuple of floats; ValueError unless they are a non-empty sequence in (0, 1]."""
+  fars = tuple(float(far) for far in fars)
+  if not fars or not all(0 < far <= 1 for far in fars):
+    raise ValueError(f"fars must be a non-empty sequence of rates in (0, 1]; got {fars}.")
+  return fars
 
 
 def _checked_scores(scores, is_same, need_both_classes=False):
@@ -346,6 +247,8 @@ def _checked_scores(scores, is_same, need_both_classes=False):
 def _checked_folds(folds, num_pairs):
   """Fold codes 0..F-1 per pair, numbered in ascending order of the fold ids, as small ints."""
   if isinstance(folds, (int, np.integer)):
+    if not 2 <= folds <= num_pairs:
+      raise ValueError(f"num_folds={folds} must lie in [2, num_pairs={num_pairs}].")
     codes = consecutive_folds(num_pairs, int(folds))
   else:
     fold = np.asarray(folds)
@@ -360,13 +263,6 @@ def _checked_folds(folds, num_pairs):
     if codes.max() < 1:
       raise ValueError("folds holds a single fold id; cross-validation needs at least two folds.")
   return codes.astype(np.min_scalar_type(codes.max()), copy=False)
-
-
-def _checked_fars(fars):
-  fars = tuple(float(far) for far in fars)
-  if not fars or not all(0 < far <= 1 for far in fars):
-    raise ValueError(f"fars must be a non-empty sequence of rates in (0, 1]; got {fars}.")
-  return fars
 
 
 @dataclasses.dataclass(frozen=True)
@@ -519,114 +415,3 @@ def _equal_error_rate(far, tar):
     return float(far[j])
   fraction = -gap[j - 1] / (gap[j] - gap[j - 1])
   return float(far[j - 1] + fraction * (far[j] - far[j - 1]))
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation of several sets, reports.
-
-
-@dataclasses.dataclass(frozen=True)
-class EvaluationResult:
-  """Metrics per set (verification_metrics dicts) and ROC curves (far, tar) per set."""
-  metrics: dict[str, dict]
-  curves: dict[str, tuple[np.ndarray, np.ndarray]]
-
-  def scalars(self) -> dict[str, float]:
-    return flatten_metrics(self.metrics)
-
-
-class Evaluator:
-  """Scores every verification set, plus HETD when lfw, cfp_fp and agedb_30 are all present.
-
-  Sets are dicts as input_pipeline.load_verification_set returns them: 'image_a', 'image_b'
-  (uint8 [N, H, W, C]), 'is_same' (bool [N]) and 'fold' (int [N]).
-  """
-
-  def __init__(self, sets: Mapping[str, Mapping[str, np.ndarray]], *, batch_size: int,
-               mesh: jax.sharding.Mesh, flip: str = "sum",
-               fars: Sequence[float] = DEFAULT_FARS, hetd_fars: Sequence[float] = HETD_FARS):
-    if not sets:
-      raise ValueError("Evaluator needs at least one verification set.")
-    if HETD_NAME in sets:
-      raise ValueError(f"{HETD_NAME!r} is reserved for the pooled hard-examples set.")
-    for name, data in sets.items():
-      missing = {"image_a", "image_b", "is_same", "fold"} - set(data)
-      if missing:
-        raise ValueError(f"verification set {name!r} lacks {sorted(missing)}; load it with "
-                         "input_pipeline.load_verification_set.")
-    if flip not in FLIP_MODES:
-      raise ValueError(f"flip={flip!r} is not one of {FLIP_MODES}.")
-    self._sets = dict(sets)
-    self._batch_size = batch_size
-    self._mesh = mesh
-    self._flip = flip
-    self._fars = _checked_fars(fars)
-    self._hetd_fars = _checked_fars(hetd_fars)
-
-  def __call__(self, embed_fn: Callable[[jax.Array], jax.Array]) -> EvaluationResult:
-    """Embeds and scores every set with embed_fn (see compute_embeddings)."""
-    embed = functools.partial(compute_embeddings, embed_fn, batch_size=self._batch_size,
-                              mesh=self._mesh, flip=self._flip)
-    scored = {}
-    for name, data in self._sets.items():
-      scores = pair_scores(embed(data["image_a"]), embed(data["image_b"]))
-      scored[name] = {"scores": scores, "is_same": np.asarray(data["is_same"]),
-                      "fold": np.asarray(data["fold"])}
-    metrics = {name: verification_metrics_from_scores(part["scores"], part["is_same"],
-                                                      part["fold"], self._fars)
-               for name, part in scored.items()}
-    if all(name in scored for name in HETD_MEMBERS):
-      scored[HETD_NAME] = pool_scores({name: scored[name] for name in HETD_MEMBERS})
-      metrics[HETD_NAME] = hetd_metrics({name: scored[name] for name in HETD_MEMBERS},
-                                        self._hetd_fars)
-    curves = {name: roc_curve(part["scores"], part["is_same"])[:2]
-              for name, part in scored.items()}
-    return EvaluationResult(metrics=metrics, curves=curves)
-
-
-def flatten_metrics(metrics: Mapping[str, Mapping]) -> dict[str, float]:
-  """{'lfw/accuracy': ..., 'lfw/tar@far=1e-3': ...}: every scalar entry of every set."""
-  return {f"{name}/{key}": float(value)
-          for name, set_metrics in metrics.items()
-          for key, value in set_metrics.items() if np.ndim(value) == 0}
-
-
-def format_table(metrics: Mapping[str, Mapping]) -> str:
-  """One row per set, 'acc / TAR@FAR...' in percent with two decimals, as papers report them.
-
-  A header line precedes each run of rows sharing the same FARs (HETD has its own).
-  """
-  width = max(len(name) for name in metrics)
-  lines, previous_fars = [], None
-  for name, set_metrics in metrics.items():
-    fars = [key.removeprefix("tar@far=") for key in set_metrics if key.startswith("tar@far=")]
-    if fars != previous_fars:
-      lines.append(f"{'set':<{width}}  acc / TAR@FAR=" + " / ".join(fars))
-      previous_fars = fars
-    values = [set_metrics["accuracy"]] + [set_metrics[f"tar@far={far}"] for far in fars]
-    lines.append(f"{name:<{width}}  " + " / ".join(f"{100 * v:.2f}" for v in values))
-  return "\n".join(lines)
-
-
-def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str) -> None:
-  """Writes one PNG with the ROC (TAR against log-scale FAR) of every set."""
-  # The object-oriented API renders with Agg without touching pyplot's global backend state.
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-
-  figure = Figure(figsize=(6, 4.5), dpi=120)
-  axes = figure.subplots()
-  smallest_far = 1.0
-  for name, (far, tar) in curves.items():
-    far, tar = np.asarray(far), np.asarray(tar)
-    shown = far > 0  # FAR = 0 has no place on a log axis.
-    axes.plot(far[shown], tar[shown], label=name, linewidth=1.2)
-    if shown.any():
-      smallest_far = min(smallest_far, float(far[shown].min()))
-  axes.set_xscale("log")
-  axes.set_xlim(smallest_far, 1.0)
-  axes.set_xlabel("false accept rate")
-  axes.set_ylabel("true accept rate")
-  axes.grid(True, which="both", alpha=0.3)
-  axes.legend(loc="lower right")
-  figure.tight_layout()
-  figure.savefig(path, format="png")

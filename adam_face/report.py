@@ -1,0 +1,100 @@
+"""Reports of verification metrics: flat scalars for logging, the paper-style table, ROC plots."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+
+def flatten_metrics(metrics: Mapping[str, Mapping]) -> dict[str, float]:
+  """{'lfw/accuracy': ..., 'lfw/tar@far=1e-3': ...}: every scalar entry of every set."""
+  return {f"{name}/{key}": float(value)
+          for name, set_metrics in metrics.items()
+          for key, value in set_metrics.items() if np.ndim(value) == 0}
+
+
+def format_table(metrics: Mapping[str, Mapping]) -> str:
+  """One row per set, 'acc / TAR@FAR...' in percent with two decimals, as papers report them.
+
+  A header line precedes each run of rows sharing the same FARs (HETD has its own).
+  """
+  width = max(len(name) for name in metrics)
+  lines, previous_fars = [], None
+  for name, set_metrics in metrics.items():
+    fars = [key.removeprefix("tar@far=") for key in set_metrics if key.startswith("tar@far=")]
+    if fars != previous_fars:
+      lines.append(f"{'set':<{width}}  acc / TAR@FAR=" + " / ".join(fars))
+      previous_fars = fars
+    values = [set_metrics["accuracy"]] + [set_metrics[f"tar@far={far}"] for far in fars]
+    lines.append(f"{name:<{width}}  " + " / ".join(f"{100 * v:.2f}" for v in values))
+  return "\n".join(lines)
+
+
+def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str) -> None:
+  """Writes one PNG with the ROC (TAR against log-scale FAR) of every set."""
+  # The object-oriented API renders with Agg without touching pyplot's global backend state.
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  figure = Figure(figsize=(6, 4.5), dpi=120)
+  axes = figure.subplots()
+  smallest_far = 1.0
+  for name, (far, tar) in curves.items():
+    far, tar = np.asarray(far), np.asarray(tar)
+    shown = far > 0  # FAR = 0 has no place on a log axis.
+    axes.plot(far[shown], tar[shown], label=name, linewidth=1.2)
+    if shown.any():
+      smallest_far = min(smallest_far, float(far[shown].min()))
+  axes.set_xscale("log")
+  axes.set_xlim(smallest_far, 1.0)
+  axes.set_xlabel("false accept rate")
+  axes.set_ylabel("true accept rate")
+  axes.grid(True, which="both", alpha=0.3)
+  axes.legend(loc="lower right")
+  figure.tight_layout()
+  figure.savefig(path, format="png")
+
+
+def read_train_log(path: str) -> list[dict[str, float]]:
+  """The rows of a workdir's train_log.jsonl, one per logged step, in step order.
+
+  A resumed run logs again the steps between its last checkpoint and the crash; the latest row of
+  each step wins.
+  """
+  rows = {}
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        row = json.loads(line)
+        rows[row["step"]] = row
+  return [rows[step] for step in sorted(rows)]
+
+
+def plot_margin_trajectory(rows: Sequence[Mapping[str, float]], path: str) -> None:
+  """Writes one PNG: the margin (left axis) and acc_margin (right axis) against the step, for the
+  whole batch and, with several datasets, per dataset ('<dataset>/margin')."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  steps = [row["step"] for row in rows]
+  prefixes = sorted({key[:-len("margin")] for row in rows for key in row
+                     if key.endswith("margin") and not key.endswith("acc_margin")})
+  figure = Figure(figsize=(7, 4.5), dpi=120)
+  margin_axes = figure.subplots()
+  acc_axes = margin_axes.twinx()
+  for prefix in prefixes:
+    label = prefix.rstrip("/") or "batch"
+    margin_axes.plot(steps, [row.get(prefix + "margin", np.nan) for row in rows],
+                     label=f"{label} margin", linewidth=1.4)
+    acc_axes.plot(steps, [row.get(prefix + "acc_margin", np.nan) for row in rows], "--",
+                  label=f"{label} acc_margin", linewidth=1.0)
+  margin_axes.set_xlabel("step")
+  margin_axes.set_ylabel("margin m (solid)")
+  acc_axes.set_ylabel("acc_margin (dashed)")
+  acc_axes.set_ylim(0.0, 1.0)
+  margin_axes.grid(True, alpha=0.3)
+  handles = margin_axes.get_legend_handles_labels()
+  more = acc_axes.get_legend_handles_labels()
+  margin_axes.legend(handles[0] + more[0], handles[1] + more[1], loc="upper left", fontsize=8)
+  figure.tight_layout()
+  figure.savefig(path, format="png")
