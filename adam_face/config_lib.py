@@ -7,8 +7,10 @@ except `loss`, whose fields are those of its kind (checked by `margins.from_conf
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import math
+import os
 import pathlib
 from typing import Any
 
@@ -32,6 +34,59 @@ def default_config() -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+# Dictionaries whose keys belong to the user (passed on to a builder as they are): the command line
+# may add keys to them.
+OPEN_DICTS = ("dataset.builder_kwargs",)
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """The config of `--config=<file>[:<argument>]`, loaded as ml_collections' config_flags does."""
+  path, _, argument = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ValueError(f"--config={spec}: {path} is not a file; give a config file such as "
+                     "configs/demo.py.")
+  module_spec = importlib.util.spec_from_file_location("adam_face_command_line_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(argument) if argument else module.get_config()
+
+
+def command_line_overrides(args) -> tuple[str | None, list[tuple[str, str]]]:
+  """(the --config spec, [(dotted field, raw value)] of every --config.<field>=<value>) in args,
+  in either absl form: --config.x=1 or --config.x 1."""
+  spec, overrides = None, []
+  args = list(args)
+  for i, arg in enumerate(args):
+    name, equals, value = arg.partition("=")
+    if not equals and i + 1 < len(args):
+      value = args[i + 1]
+    if name == "--config":
+      spec = value
+    elif name.startswith("--config."):
+      overrides.append((name[len("--config."):], value))
+  return spec, overrides
+
+
+def check_override(config: ml_collections.ConfigDict, path: str) -> bool:
+  """Whether `--config.<path>` adds a key to one of OPEN_DICTS (True) or sets a field the config
+  has (False); a one-line ValueError naming the valid fields (and a close match) otherwise."""
+  node, done = config, []
+  for key in path.split("."):
+    parent = ".".join(done)
+    if parent in OPEN_DICTS:
+      return key not in node
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or key not in node:
+      valid = sorted(node) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
+      close = difflib.get_close_matches(key, valid, n=1)
+      hint = f" Did you mean {'.'.join(done + close)!r}?" if close else ""
+      where = f"config.{parent}" if parent else "the config"
+      raise ValueError(f"--config.{path}: {where} has no field {key!r}.{hint} Valid fields: "
+                       f"{', '.join(valid) or '(none: it is a value, not a group)'}.")
+    node = node[key]
+    done.append(key)
+  return False
 
 
 def default_dataset_config(**overrides) -> ml_collections.ConfigDict:

@@ -5,7 +5,9 @@ hosts (one process per host, e.g. on a TPU pod or a Slurm/GPU cluster), it joins
 distributed runtime first; every process then feeds its share of the global batch.
 """
 
+import ast
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -20,6 +22,44 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 _CLUSTER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
                       "TPU_WORKER_HOSTNAMES")
+
+
+def parse_flags(argv):
+  """absl's flag parsing, plus: a --config.<field> override that names no field of the config is
+  a one-line error naming the valid ones, and overrides that add keys to an open dictionary
+  (dataset.builder_kwargs) are applied as new keys (value as a Python literal, else a string)."""
+  from adam_face import config_lib  # pylint: disable=g-import-not-at-top
+
+  spec, overrides = config_lib.command_line_overrides(argv[1:])
+  new_keys = []
+  if spec:
+    try:
+      config = config_lib.load_config_file(spec)
+      new_keys = [(path, value) for path, value in overrides
+                  if config_lib.check_override(config, path)]
+    except ValueError as e:
+      sys.exit(f"FATAL Flags parsing error: {e}")
+  new_flags = {f"--config.{path}" for path, _ in new_keys}
+  kept, skip = [], False
+  for arg in argv:  # The new keys' arguments, in either form, go past absl.
+    name, equals, _ = arg.partition("=")
+    if skip or name in new_flags:
+      skip = name in new_flags and not equals
+      continue
+    kept.append(arg)
+  sys.argv[:] = kept  # config_flags reads its overrides from sys.argv.
+  remaining = app.parse_flags_with_usage(kept)
+  with FLAGS.config.unlocked():
+    for path, value in new_keys:
+      *parents, key = path.split(".")
+      node = FLAGS.config
+      for parent in parents:
+        node = node[parent]
+      try:
+        node[key] = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        node[key] = value
+  return remaining
 
 
 def main(argv):
@@ -44,4 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
