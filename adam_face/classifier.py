@@ -55,8 +55,9 @@ def padded_num_classes(num_classes: int, num_shards: int) -> int:
   return int(math.ceil(num_classes / num_shards) * num_shards)
 
 
-def num_sampled_per_shard(num_classes: int, num_shards: int, global_batch: int,
-                          sample_rate: float) -> int:
+def num_sampled_per_shard(
+    num_classes: int, num_shards: int, global_batch: int, sample_rate: float
+) -> int:
   """Centres used per shard and step (all of them when sample_rate == 1)."""
   if not 0.0 < sample_rate <= 1.0:
     raise ValueError(f"head.sample_rate must be in (0, 1], got {sample_rate}.")
@@ -70,19 +71,26 @@ def centers_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(MESH_AXIS, None))
 
 
-def random_centers(key: jax.Array, num_classes: int, embedding_dim: int, num_shards: int,
-                   centers_per_class: int = 1) -> jax.Array:
+def random_centers(
+    key: jax.Array,
+    num_classes: int,
+    embedding_dim: int,
+    num_shards: int,
+    centers_per_class: int = 1,
+) -> jax.Array:
   """N(0, 0.01^2) class centres [C_pad * K, D] (K centres a class, class-major)."""
   shape = (padded_num_classes(num_classes, num_shards) * centers_per_class, embedding_dim)
   return 0.01 * jax.random.normal(key, shape, jnp.float32)
 
 
-def init_centers(key: jax.Array, num_classes: int, embedding_dim: int, mesh: Mesh,
-                 centers_per_class: int = 1) -> jax.Array:
+def init_centers(
+    key: jax.Array, num_classes: int, embedding_dim: int, mesh: Mesh, centers_per_class: int = 1
+) -> jax.Array:
   """random_centers, created directly in their class-sharded layout."""
-  init = jax.jit(lambda k: random_centers(k, num_classes, embedding_dim, mesh.size,
-                                          centers_per_class),
-                 out_shardings=centers_sharding(mesh))
+  init = jax.jit(
+      lambda k: random_centers(k, num_classes, embedding_dim, mesh.size, centers_per_class),
+      out_shardings=centers_sharding(mesh),
+  )
   return init(key)
 
 
@@ -103,8 +111,9 @@ def _global_argmax(values: jax.Array, class_ids: jax.Array, sentinel: int) -> ja
 
 def _batch_accuracy(pred: jax.Array, labels_local: jax.Array, shard: jax.Array) -> jax.Array:
   """Accuracy of global predictions, each device scoring its own rows (the psum is invariant)."""
-  local_pred = jax.lax.dynamic_slice_in_dim(pred, shard * labels_local.shape[0],
-                                            labels_local.shape[0])
+  local_pred = jax.lax.dynamic_slice_in_dim(
+      pred, shard * labels_local.shape[0], labels_local.shape[0]
+  )
   correct = jax.lax.psum(jnp.sum(local_pred == labels_local), MESH_AXIS)
   return correct / pred.shape[0]
 
@@ -122,10 +131,19 @@ def _sample_local_classes(key, labels, class_ids, num_classes, num_sampled):
   return jnp.sort(idx)
 
 
-def margin_head_loss(centers: jax.Array, embeddings: jax.Array, labels: jax.Array,
-                     margin: margins.Margin, margin_state: margins.State, *, mesh: Mesh,
-                     num_classes: int, sample_rate: float = 1.0, key: jax.Array | None = None,
-                     compute_dtype: Any = jnp.float32):
+def margin_head_loss(
+    centers: jax.Array,
+    embeddings: jax.Array,
+    labels: jax.Array,
+    margin: margins.Margin,
+    margin_state: margins.State,
+    *,
+    mesh: Mesh,
+    num_classes: int,
+    sample_rate: float = 1.0,
+    key: jax.Array | None = None,
+    compute_dtype: Any = jnp.float32,
+):
   """Margin-softmax cross-entropy of a class-sharded head, for any margin method.
 
   Args:
@@ -148,38 +166,50 @@ def margin_head_loss(centers: jax.Array, embeddings: jax.Array, labels: jax.Arra
   k = margin.centers_per_class
   c_pad = padded_num_classes(num_classes, num_shards)
   if centers.shape[0] != c_pad * k:
-    raise ValueError(f"centers has {centers.shape[0]} rows; expected {c_pad * k} for "
-                     f"{num_classes} classes x {k} centres on {num_shards} devices (use "
-                     "init_centers).")
+    raise ValueError(
+        f"centers has {centers.shape[0]} rows; expected {c_pad * k} for "
+        f"{num_classes} classes x {k} centres on {num_shards} devices (use "
+        "init_centers)."
+    )
   if embeddings.shape[0] % num_shards:
-    raise ValueError(f"Global batch {embeddings.shape[0]} is not divisible by the {num_shards} "
-                     "devices of the mesh; choose a batch size that is a multiple of it.")
+    raise ValueError(
+        f"Global batch {embeddings.shape[0]} is not divisible by the {num_shards} "
+        "devices of the mesh; choose a batch size that is a multiple of it."
+    )
   num_sampled = num_sampled_per_shard(num_classes, num_shards, embeddings.shape[0], sample_rate)
   sampling = num_sampled < c_pad // num_shards
   if sampling and k > 1:
-    raise ValueError("Partial FC sampling (head.sample_rate < 1) does not support sub-centres; "
-                     "use head.sample_rate = 1 with subcenter_arcface.")
+    raise ValueError(
+        "Partial FC sampling (head.sample_rate < 1) does not support sub-centres; "
+        "use head.sample_rate = 1 with subcenter_arcface."
+    )
   if sampling and key is None:
     raise ValueError("Partial FC (sample_rate < 1) needs a key.")
   sample_key, margin_key = jax.random.split(jax.random.key(0) if key is None else key)
 
-  def local_loss(centers_local, emb_local, labels_local, state, sample_key, margin_key,
-                 feature_norm):
+  def local_loss(
+      centers_local, emb_local, labels_local, state, sample_key, margin_key, feature_norm
+  ):
     per_shard = centers_local.shape[0] // k
     shard = jax.lax.axis_index(MESH_AXIS)
     emb = jax.lax.all_gather(emb_local, MESH_AXIS, tiled=True)
     labels = jax.lax.all_gather(labels_local, MESH_AXIS, tiled=True)
     class_ids = shard * per_shard + jnp.arange(per_shard)
     if sampling:
-      idx = _sample_local_classes(jax.random.fold_in(sample_key, shard), labels, class_ids,
-                                  num_classes, num_sampled)
+      idx = _sample_local_classes(
+          jax.random.fold_in(sample_key, shard), labels, class_ids, num_classes, num_sampled
+      )
       centers_local, class_ids = centers_local[idx], class_ids[idx]
       sampled = jnp.zeros(per_shard, bool).at[idx].set(True)
     else:
       sampled = jnp.ones(per_shard, bool)
-    cos = margin.pool_class_cosines(jnp.dot(
-        l2_normalize(emb).astype(compute_dtype),
-        l2_normalize(centers_local).astype(compute_dtype).T, preferred_element_type=jnp.float32))
+    cos = margin.pool_class_cosines(
+        jnp.dot(
+            l2_normalize(emb).astype(compute_dtype),
+            l2_normalize(centers_local).astype(compute_dtype).T,
+            preferred_element_type=jnp.float32,
+        )
+    )
     target_mask = labels[:, None] == class_ids[None, :]
     real = (class_ids < num_classes)[None, :]
     # Each row's target lives on exactly one shard; the psum hands its cosine to every shard.
@@ -187,8 +217,9 @@ def margin_head_loss(centers: jax.Array, embeddings: jax.Array, labels: jax.Arra
     # Every shard sees the same global cos_target and feature_norm, so the state stays replicated.
     state = margin.update_statistics(state, cos_target=cos_target, feature_norm=feature_norm)
     # The same margin_key on every shard: a margin that draws gives each row one value.
-    target = margin.target_logits(cos_target, state=state, feature_norm=feature_norm,
-                                  key=margin_key)
+    target = margin.target_logits(
+        cos_target, state=state, feature_norm=feature_norm, key=margin_key
+    )
     others = margin.nontarget_logits(cos, cos_target=cos_target, state=state)
     logits = jnp.where(real, jnp.where(target_mask, target[:, None], others), _MASKED_LOGIT)
     row_max = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), MESH_AXIS)
@@ -197,14 +228,20 @@ def margin_head_loss(centers: jax.Array, embeddings: jax.Array, labels: jax.Arra
     pred_margin = _global_argmax(logits, class_ids, c_pad)
     pred = _global_argmax(jnp.where(real, cos, _MASKED_LOGIT), class_ids, c_pad)
     acc_margin = _batch_accuracy(pred_margin, labels_local, shard)
-    metrics = {"acc": _batch_accuracy(pred, labels_local, shard), "acc_margin": acc_margin,
-               **margin.metrics(state), "cos_target": jax.lax.stop_gradient(cos_target)}
+    metrics = {
+        "acc": _batch_accuracy(pred, labels_local, shard),
+        "acc_margin": acc_margin,
+        **margin.metrics(state),
+        "cos_target": jax.lax.stop_gradient(cos_target),
+    }
     return loss, metrics, margin.update_margin(state, acc_margin=acc_margin), sampled
 
   sharded = jax.shard_map(
-      local_loss, mesh=mesh,
+      local_loss,
+      mesh=mesh,
       in_specs=(P(MESH_AXIS, None), P(MESH_AXIS, None), P(MESH_AXIS), P(), P(), P(), P()),
-      out_specs=(P(), P(), P(), P(MESH_AXIS)))
+      out_specs=(P(), P(), P(), P(MESH_AXIS)),
+  )
   # Norms of the global batch, replicated (AdaFace and MagFace read them; MagFace's gradient
   # flows back through them to the embeddings).
   feature_norm = jnp.linalg.norm(embeddings.astype(jnp.float32), axis=-1)
@@ -227,8 +264,10 @@ def keep_unsampled_rows(new_tree: Any, old_tree: Any, sampled: Sequence[jax.Arra
     position = keys.index("centers")
     mask = sampled[getattr(path[position - 1], "idx", 0) if position else 0]
     if new.shape[:1] != mask.shape:
-      raise ValueError(f"{jax.tree_util.keystr(path)} has {new.shape[0]} rows, but its head's "
-                       f"sampling mask has {mask.shape[0]}.")
+      raise ValueError(
+          f"{jax.tree_util.keystr(path)} has {new.shape[0]} rows, but its head's "
+          f"sampling mask has {mask.shape[0]}."
+      )
     return jnp.where(mask.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
 
   return jax.tree_util.tree_map_with_path(restore, new_tree, old_tree)

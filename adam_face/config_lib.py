@@ -45,8 +45,9 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """The config of `--config=<file>[:<argument>]`, loaded as ml_collections' config_flags does."""
   path, _, argument = spec.partition(":")
   if not os.path.isfile(path):
-    raise ValueError(f"--config={spec}: {path} is not a file; give a config file such as "
-                     "configs/demo.py.")
+    raise ValueError(
+        f"--config={spec}: {path} is not a file; give a config file such as " "configs/demo.py."
+    )
   module_spec = importlib.util.spec_from_file_location("adam_face_command_line_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -65,7 +66,7 @@ def command_line_overrides(args) -> tuple[str | None, list[tuple[str, str]]]:
     if name == "--config":
       spec = value
     elif name.startswith("--config."):
-      overrides.append((name[len("--config."):], value))
+      overrides.append((name[len("--config.") :], value))
   return spec, overrides
 
 
@@ -82,8 +83,10 @@ def check_override(config: ml_collections.ConfigDict, path: str) -> bool:
       close = difflib.get_close_matches(key, valid, n=1)
       hint = f" Did you mean {'.'.join(done + close)!r}?" if close else ""
       where = f"config.{parent}" if parent else "the config"
-      raise ValueError(f"--config.{path}: {where} has no field {key!r}.{hint} Valid fields: "
-                       f"{', '.join(valid) or '(none: it is a value, not a group)'}.")
+      raise ValueError(
+          f"--config.{path}: {where} has no field {key!r}.{hint} Valid fields: "
+          f"{', '.join(valid) or '(none: it is a value, not a group)'}."
+      )
     node = node[key]
     done.append(key)
   return False
@@ -97,8 +100,9 @@ def default_dataset_config(**overrides) -> ml_collections.ConfigDict:
   return config
 
 
-def _flatten(config: Any, prefix: str = "", free_form: tuple[str, ...] = _FREE_FORM
-             ) -> dict[str, Any]:
+def _flatten(
+    config: Any, prefix: str = "", free_form: tuple[str, ...] = _FREE_FORM
+) -> dict[str, Any]:
   flat = {}
   for key, value in config.items():
     path = f"{prefix}{key}"
@@ -109,8 +113,12 @@ def _flatten(config: Any, prefix: str = "", free_form: tuple[str, ...] = _FREE_F
   return flat
 
 
-def _check_known_keys(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict,
-                      where: str, free_form: tuple[str, ...] = _FREE_FORM) -> None:
+def _check_known_keys(
+    config: ml_collections.ConfigDict,
+    defaults: ml_collections.ConfigDict,
+    where: str,
+    free_form: tuple[str, ...] = _FREE_FORM,
+) -> None:
   given, known = _flatten(config, free_form=free_form), _flatten(defaults, free_form=free_form)
   for path in sorted(given):
     if path not in known:
@@ -118,8 +126,10 @@ def _check_known_keys(config: ml_collections.ConfigDict, defaults: ml_collection
       siblings = defaults
       for key in parent.split(".") if parent else ():
         siblings = siblings[key]
-      raise ValueError(f"Unknown config key {where}{path!r}; valid keys under "
-                       f"{where}{parent or 'the top level'!r} are: {', '.join(sorted(siblings))}.")
+      raise ValueError(
+          f"Unknown config key {where}{path!r}; valid keys under "
+          f"{where}{parent or 'the top level'!r} are: {', '.join(sorted(siblings))}."
+      )
 
 
 def training_datasets(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, ...]:
@@ -129,22 +139,28 @@ def training_datasets(config: ml_collections.ConfigDict) -> tuple[ml_collections
   for i, entry in enumerate(config.extra_datasets):
     where = f"extra_datasets[{i}] "
     if not isinstance(entry, (dict, ml_collections.ConfigDict)) or "name" not in entry:
-      raise ValueError(f"config.{where}must be a dict with at least a 'name' (a TFDS builder), "
-                       f"got {entry!r}.")
+      raise ValueError(
+          f"config.{where}must be a dict with at least a 'name' (a TFDS builder), "
+          f"got {entry!r}."
+      )
     entry = ml_collections.ConfigDict(dict(entry))
     defaults = default_config().dataset
     _check_known_keys(entry, defaults, where, free_form=("builder_kwargs",))
     if "image_size" in entry and entry.image_size != config.dataset.image_size:
-      raise ValueError(f"config.{where}sets image_size={entry.image_size}, but every training "
-                       f"dataset is read at config.dataset.image_size={config.dataset.image_size};"
-                       " drop the key.")
+      raise ValueError(
+          f"config.{where}sets image_size={entry.image_size}, but every training "
+          f"dataset is read at config.dataset.image_size={config.dataset.image_size};"
+          " drop the key."
+      )
     defaults.update(entry)
     defaults.image_size = config.dataset.image_size
     datasets.append(defaults)
   names = [d.name for d in datasets]
   if len(set(names)) < len(names):
-    raise ValueError(f"Training datasets {names} repeat a name; each dataset (and its head) is "
-                     "named by its TFDS builder, so list each once.")
+    raise ValueError(
+        f"Training datasets {names} repeat a name; each dataset (and its head) is "
+        "named by its TFDS builder, so list each once."
+    )
   return tuple(datasets)
 
 
@@ -154,15 +170,18 @@ def dataset_batch_sizes(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   datasets = training_datasets(config)
   weights = [float(d.weight) for d in datasets]
   if any(w <= 0 for w in weights):
-    raise ValueError(f"Dataset weights {weights} must all be > 0 (dataset.weight and "
-                     "extra_datasets[i]['weight']).")
+    raise ValueError(
+        f"Dataset weights {weights} must all be > 0 (dataset.weight and "
+        "extra_datasets[i]['weight'])."
+    )
   shares = [config.global_batch_size * w / sum(weights) for w in weights]
   sizes = tuple(int(round(share)) for share in shares)
   if any(abs(share - size) > 1e-6 for share, size in zip(shares, sizes)):
     raise ValueError(
         f"Dataset weights {weights} split global_batch_size={config.global_batch_size} into "
         f"{[round(x, 2) for x in shares]} images; choose weights or a batch size that give whole "
-        "numbers.")
+        "numbers."
+    )
   return sizes
 
 
@@ -176,42 +195,60 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   margins.from_config(config.loss)
   if not 0.0 < config.head.sample_rate <= 1.0:
     raise ValueError(f"config.head.sample_rate={config.head.sample_rate} must be in (0, 1].")
-  for path in ("global_batch_size", "log_every_steps", "checkpoint_every_steps",
-               "verification.eval_every_steps", "verification.batch_size", "keep_checkpoints"):
+  for path in (
+      "global_batch_size",
+      "log_every_steps",
+      "checkpoint_every_steps",
+      "verification.eval_every_steps",
+      "verification.batch_size",
+      "keep_checkpoints",
+  ):
     if given[path] <= 0:
       raise ValueError(f"config.{path}={given[path]} must be a positive integer.")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("Set config.num_train_steps > 0 or config.num_epochs > 0.")
   for dataset in training_datasets(config):
     if not 0.0 <= dataset.augment.crop < 1.0:
-      raise ValueError(f"{dataset.name}: augment.crop={dataset.augment.crop} must be in [0, 1) "
-                       "(the smallest crop keeps 1 - crop of each side).")
+      raise ValueError(
+          f"{dataset.name}: augment.crop={dataset.augment.crop} must be in [0, 1) "
+          "(the smallest crop keeps 1 - crop of each side)."
+      )
   dataset_batch_sizes(config)
   names = [verification_sets.set_name(entry) for entry in config.verification.sets]
   repeated = sorted({name for name in names if names.count(name) > 1})
   if repeated:
-    raise ValueError(f"config.verification.sets={tuple(config.verification.sets)} names the set(s) "
-                     f"{repeated} twice (a path's set is named after its file); list each once.")
+    raise ValueError(
+        f"config.verification.sets={tuple(config.verification.sets)} names the set(s) "
+        f"{repeated} twice (a path's set is named after its file); list each once."
+    )
 
 
-def validate_for_mesh(config: ml_collections.ConfigDict, num_devices: int,
-                      num_processes: int) -> None:
+def validate_for_mesh(
+    config: ml_collections.ConfigDict, num_devices: int, num_processes: int
+) -> None:
   """The global batches must split evenly over the devices and processes of the mesh."""
-  sizes = [("config.global_batch_size", config.global_batch_size),
-           ("config.verification.batch_size", config.verification.batch_size)]
+  sizes = [
+      ("config.global_batch_size", config.global_batch_size),
+      ("config.verification.batch_size", config.verification.batch_size),
+  ]
   if config.extra_datasets:  # Every dataset's share of the batch is sharded over the devices.
-    sizes += [(f"{d.name}'s share of the batch (its weight)", size)
-              for d, size in zip(training_datasets(config), dataset_batch_sizes(config))]
+    sizes += [
+        (f"{d.name}'s share of the batch (its weight)", size)
+        for d, size in zip(training_datasets(config), dataset_batch_sizes(config))
+    ]
   for path, size in sizes:
     if size % num_devices or size % num_processes:
       step = math.lcm(num_devices, num_processes)
       raise ValueError(
           f"{path}={size} is not divisible by the {num_devices} devices "
           f"({num_processes} processes); use a multiple of {step}, e.g. "
-          f"{max(step, size // step * step)}.")
+          f"{max(step, size // step * step)}."
+      )
 
 
 def flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config as flat scalars for TensorBoard's hparams plugin."""
-  return {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-          for k, v in _flatten(config, free_form=("dataset.builder_kwargs",)).items()}
+  return {
+      k: v if isinstance(v, (int, float, str, bool)) else str(v)
+      for k, v in _flatten(config, free_form=("dataset.builder_kwargs",)).items()
+  }

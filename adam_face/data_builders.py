@@ -27,7 +27,7 @@ import datasets  # noqa: F401  Importing the package registers all its builders 
 
 
 def prepared_builder(
-  name: str, *, data_dir: str | None = None, builder_kwargs=None, manual_dir: str | None = None
+    name: str, *, data_dir: str | None = None, builder_kwargs=None, manual_dir: str | None = None
 ) -> tfds.core.DatasetBuilder:
   """The builder for `name`, prepared (built from its source data) if it is not yet.
 
@@ -38,10 +38,10 @@ def prepared_builder(
   def prepare():
     # TFDS would take "" as the current directory.
     builder = tfds.builder(
-      name, data_dir=data_dir or None, try_gcs=False, **dict(builder_kwargs or {})
+        name, data_dir=data_dir or None, try_gcs=False, **dict(builder_kwargs or {})
     )
     builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
     )
     return builder
 
@@ -58,10 +58,10 @@ def prepared_builder(
 def dataset_builder(dataset_config) -> tfds.core.DatasetBuilder:
   """The prepared builder of a dataset config (see the module docstring)."""
   return prepared_builder(
-    dataset_config.name,
-    data_dir=dataset_config.data_dir,
-    builder_kwargs=dataset_config.builder_kwargs,
-    manual_dir=dataset_config.get("manual_dir"),
+      dataset_config.name,
+      data_dir=dataset_config.data_dir,
+      builder_kwargs=dataset_config.builder_kwargs,
+      manual_dir=dataset_config.get("manual_dir"),
   )
 
 
@@ -76,8 +76,8 @@ def dataset_info(dataset_config) -> dict:
   """{'num_classes', 'num_examples' (whole split), 'num_skipped_images', 'full_name'}."""
   builder = dataset_builder(dataset_config)
   return {
-    "num_classes": int(builder.info.features["label"].num_classes),
-    "num_examples": int(builder.info.splits[dataset_config.split].num_examples),
-    "num_skipped_images": num_skipped_images(builder, dataset_config.split),
-    "full_name": builder.info.full_name,
+      "num_classes": int(builder.info.features["label"].num_classes),
+      "num_examples": int(builder.info.splits[dataset_config.split].num_examples),
+      "num_skipped_images": num_skipped_images(builder, dataset_config.split),
+      "full_name": builder.info.full_name,
   }

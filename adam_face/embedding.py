@@ -21,8 +21,14 @@ from adam_face import train_input
 FLIP_MODES = ("none", "sum", "concat")
 
 
-def compute_embeddings(embed_fn: Callable[[jax.Array], jax.Array], images_uint8: np.ndarray, *,
-                       batch_size: int, mesh: jax.sharding.Mesh, flip: str = "sum") -> np.ndarray:
+def compute_embeddings(
+    embed_fn: Callable[[jax.Array], jax.Array],
+    images_uint8: np.ndarray,
+    *,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+    flip: str = "sum",
+) -> np.ndarray:
   """L2-normalised embeddings of uint8 images, in jitted batches sharded over every mesh device.
 
   Args:
@@ -46,16 +52,20 @@ def compute_embeddings(embed_fn: Callable[[jax.Array], jax.Array], images_uint8:
     raise ValueError(f"flip={flip!r} is not one of {FLIP_MODES}.")
   images = np.asarray(images_uint8)
   if images.dtype != np.uint8 or images.ndim != 4:
-    raise ValueError(f"images_uint8 must be uint8 [N, H, W, C]; got {images.dtype} "
-                     f"{images.shape}. Pass the undecoded, unnormalised pixels: this function "
-                     "normalises them itself.")
+    raise ValueError(
+        f"images_uint8 must be uint8 [N, H, W, C]; got {images.dtype} "
+        f"{images.shape}. Pass the undecoded, unnormalised pixels: this function "
+        "normalises them itself."
+    )
   num_images = images.shape[0]
   if num_images == 0:
     raise ValueError("images_uint8 holds no images.")
   if batch_size <= 0 or batch_size % mesh.size:
     rounded_up = mesh.size * max(1, -(-batch_size // mesh.size))
-    raise ValueError(f"batch_size={batch_size} must be a positive multiple of the mesh's "
-                     f"{mesh.size} devices (e.g. {rounded_up}).")
+    raise ValueError(
+        f"batch_size={batch_size} must be a positive multiple of the mesh's "
+        f"{mesh.size} devices (e.g. {rounded_up})."
+    )
   if not isinstance(embed_fn, jax.tree_util.Partial):
     embed_fn = jax.tree_util.Partial(embed_fn)
 
@@ -63,13 +73,15 @@ def compute_embeddings(embed_fn: Callable[[jax.Array], jax.Array], images_uint8:
   step = _embedding_step(mesh, flip)
   outputs = []
   for start in range(0, num_images, batch_size):
-    batch = images[start:start + batch_size]
+    batch = images[start : start + batch_size]
     num_valid = batch.shape[0]
     if num_valid < batch_size:
       batch = np.concatenate(
-          [batch, np.zeros((batch_size - num_valid,) + batch.shape[1:], np.uint8)])
-    global_batch = jax.make_array_from_callback(batch.shape, batch_sharding,
-                                                lambda index, batch=batch: batch[index])
+          [batch, np.zeros((batch_size - num_valid,) + batch.shape[1:], np.uint8)]
+      )
+    global_batch = jax.make_array_from_callback(
+        batch.shape, batch_sharding, lambda index, batch=batch: batch[index]
+    )
     # Dispatch stays asynchronous: results are fetched once every batch is queued.
     outputs.append((step(embed_fn, global_batch, num_valid), num_valid))
 
@@ -80,9 +92,11 @@ def compute_embeddings(embed_fn: Callable[[jax.Array], jax.Array], images_uint8:
   embeddings, norms = np.concatenate(embeddings), np.concatenate(norms)
   bad = np.flatnonzero(~(np.isfinite(norms) & (norms > 0)))
   if bad.size:
-    raise ValueError(f"embed_fn gave {bad.size} embeddings with zero or non-finite norm (first "
-                     f"at image {bad[0]}, norm {norms[bad[0]]}); their cosine scores would be "
-                     "undefined. Check the model variables and the input images.")
+    raise ValueError(
+        f"embed_fn gave {bad.size} embeddings with zero or non-finite norm (first "
+        f"at image {bad[0]}, norm {norms[bad[0]]}); their cosine scores would be "
+        "undefined. Check the model variables and the input images."
+    )
   return embeddings
 
 
@@ -119,6 +133,8 @@ def _to_host(x: jax.Array) -> np.ndarray:
 def _checked_embed(embed_fn, images):
   emb = embed_fn(images)
   if emb.ndim != 2 or emb.shape[0] != images.shape[0]:
-    raise ValueError(f"embed_fn must map [b, H, W, C] images to [b, D] embeddings; it mapped "
-                     f"{images.shape} to {emb.shape}.")
+    raise ValueError(
+        f"embed_fn must map [b, H, W, C] images to [b, D] embeddings; it mapped "
+        f"{images.shape} to {emb.shape}."
+    )
   return emb.astype(jnp.float32)

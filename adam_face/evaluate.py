@@ -33,29 +33,41 @@ def evaluate_checkpoint(workdir: str, sets=None, step=None, data_dir=None, batch
 
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path} not found: --workdir must be a directory written by "
-                            "python -m adam_face.main.")
+    raise FileNotFoundError(
+        f"{config_path} not found: --workdir must be a directory written by "
+        "python -m adam_face.main."
+    )
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  checkpoints = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                                      options=ocp.CheckpointManagerOptions(read_only=True))
+  checkpoints = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(read_only=True),
+  )
   step = checkpoints.latest_step() if step is None else step
   if step is None or step not in checkpoints.all_steps():
-    raise FileNotFoundError(f"No checkpoint {'at step %s ' % step if step else ''}in "
-                            f"{workdir}/checkpoints (available: {list(checkpoints.all_steps())}).")
+    raise FileNotFoundError(
+        f"No checkpoint {'at step %s ' % step if step else ''}in "
+        f"{workdir}/checkpoints (available: {list(checkpoints.all_steps())})."
+    )
   state = checkpoints.restore(step, args=ocp.args.StandardRestore())
   checkpoints.close()
 
-  model = models.create_model(config.model.name, embedding_dim=config.model.embedding_dim,
-                              dtype=jnp.dtype(config.compute_dtype),
-                              dropout_rate=config.model.dropout_rate)
+  model = models.create_model(
+      config.model.name,
+      embedding_dim=config.model.embedding_dim,
+      dtype=jnp.dtype(config.compute_dtype),
+      dropout_rate=config.model.dropout_rate,
+  )
   variables = {"params": state["params"]["backbone"], "batch_stats": state["batch_stats"]}
   embed_fn = jax.tree_util.Partial(lambda v, x: model.apply(v, x, train=False), variables)
   loaded = train.load_verification_sets(config, sets, data_dir)
   mesh = classifier.create_mesh()
   evaluator = verification.Evaluator(
-      loaded, batch_size=batch_size or config.verification.batch_size, mesh=mesh,
-      flip=config.verification.flip)
+      loaded,
+      batch_size=batch_size or config.verification.batch_size,
+      mesh=mesh,
+      flip=config.verification.flip,
+  )
   result = evaluator(embed_fn)
   with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
     json.dump({"step": step, "metrics": result.metrics}, f, indent=2, default=train.json_default)
@@ -69,8 +81,9 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from adam_face import report  # pylint: disable=g-import-not-at-top
 
-  step, result = evaluate_checkpoint(FLAGS.workdir, FLAGS.sets, FLAGS.step, FLAGS.data_dir,
-                                     FLAGS.batch_size)
+  step, result = evaluate_checkpoint(
+      FLAGS.workdir, FLAGS.sets, FLAGS.step, FLAGS.data_dir, FLAGS.batch_size
+  )
   print(f"step {step}")
   print(report.format_table(result.metrics))
 

@@ -72,7 +72,8 @@ def check_labels(labels, num_classes: int) -> None:
     bad = labels[(labels < 0) | (labels >= num_classes)]
     raise ValueError(
         f"Labels must lie in [0, {num_classes}); got {bad[:5].tolist()} "
-        f"({bad.size} out of range). Check the dataset's num_classes against the config.")
+        f"({bad.size} out of range). Check the dataset's num_classes against the config."
+    )
 
 
 def _checked_feature_norm(feature_norm, batch: int) -> jax.Array:
@@ -80,13 +81,15 @@ def _checked_feature_norm(feature_norm, batch: int) -> jax.Array:
     return jnp.ones((batch,), jnp.float32)
   feature_norm = jnp.asarray(feature_norm, jnp.float32)
   if feature_norm.shape != (batch,):
-    raise ValueError(f"feature_norm must hold one value per row, shape ({batch},); got "
-                     f"{feature_norm.shape}.")
+    raise ValueError(
+        f"feature_norm must hold one value per row, shape ({batch},); got " f"{feature_norm.shape}."
+    )
   return feature_norm
 
 
-def margin_logits(cos: jax.Array, labels: jax.Array, margin, state=None, *, feature_norm=None,
-                  key=None) -> tuple[jax.Array, Any]:
+def margin_logits(
+    cos: jax.Array, labels: jax.Array, margin, state=None, *, feature_norm=None, key=None
+) -> tuple[jax.Array, Any]:
   """Scaled logits [B, C] (float32) of `margin` (an adam_face.margins.Margin) and the state this
   batch's logits used (its running statistics updated with the batch, as the papers do).
 
@@ -109,8 +112,9 @@ def margin_logits(cos: jax.Array, labels: jax.Array, margin, state=None, *, feat
   return jnp.where(target_mask, target[:, None], others), state
 
 
-def margin_softmax_loss(cos: jax.Array, labels: jax.Array, margin, state=None, *,
-                        feature_norm=None, key=None):
+def margin_softmax_loss(
+    cos: jax.Array, labels: jax.Array, margin, state=None, *, feature_norm=None, key=None
+):
   """Mean cross-entropy over margin logits (plus the margin's extra loss), on one device.
 
   Returns (loss, metrics, new_state): metrics hold `acc` (arg-max of the cosines), `acc_margin`
@@ -122,6 +126,9 @@ def margin_softmax_loss(cos: jax.Array, labels: jax.Array, margin, state=None, *
   loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) - target)
   loss = loss + margin.extra_loss(_checked_feature_norm(feature_norm, cos.shape[0]))
   acc_margin = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
-  metrics = {"acc": jnp.mean(jnp.argmax(cos, axis=-1) == labels), "acc_margin": acc_margin,
-             **margin.metrics(state)}  # The margin and statistics this batch's logits used.
+  metrics = {
+      "acc": jnp.mean(jnp.argmax(cos, axis=-1) == labels),
+      "acc_margin": acc_margin,
+      **margin.metrics(state),
+  }  # The margin and statistics this batch's logits used.
   return loss, metrics, margin.update_margin(state, acc_margin=acc_margin)

@@ -14,14 +14,21 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events, results.json and roc.png.")
-flags.DEFINE_bool("multihost", None,
-                  "Call jax.distributed.initialize() (auto-detects TPU pods, Slurm, Open MPI). "
-                  "Default: only when JAX_COORDINATOR_ADDRESS or a cluster environment is set.")
+flags.DEFINE_bool(
+    "multihost",
+    None,
+    "Call jax.distributed.initialize() (auto-detects TPU pods, Slurm, Open MPI). "
+    "Default: only when JAX_COORDINATOR_ADDRESS or a cluster environment is set.",
+)
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
-_CLUSTER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
-                      "TPU_WORKER_HOSTNAMES")
+_CLUSTER_VARIABLES = (
+    "JAX_COORDINATOR_ADDRESS",
+    "SLURM_JOB_ID",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_HOSTNAMES",
+)
 
 
 def parse_flags(argv):
@@ -35,8 +42,9 @@ def parse_flags(argv):
   if spec:
     try:
       config = config_lib.load_config_file(spec)
-      new_keys = [(path, value) for path, value in overrides
-                  if config_lib.check_override(config, path)]
+      new_keys = [
+          (path, value) for path, value in overrides if config_lib.check_override(config, path)
+      ]
     except ValueError as e:
       sys.exit(f"FATAL Flags parsing error: {e}")
   new_flags = {f"--config.{path}" for path, _ in new_keys}
@@ -76,8 +84,12 @@ def main(argv):
     jax.distributed.initialize()
   from adam_face import train  # pylint: disable=g-import-not-at-top
 
-  logging.info("JAX process %d of %d, local devices: %s", jax.process_index(),
-               jax.process_count(), jax.local_devices())
+  logging.info(
+      "JAX process %d of %d, local devices: %s",
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_devices(),
+  )
   logging.info("Config:\n%s", FLAGS.config)
   os.makedirs(FLAGS.workdir, exist_ok=True)
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

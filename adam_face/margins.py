@@ -67,15 +67,19 @@ def _require(condition: bool, message: str) -> None:
 
 def _check_margin(margin: "Margin", upper: float) -> None:
   """m in [0, upper]; the message quotes the class's default, the paper's value."""
-  _require(0.0 <= margin.m <= upper,
-           f"{margin.kind}: margin m must be in [0, {upper:.4g}] (the paper uses "
-           f"{type(margin).m}), got {margin.m}.")
+  _require(
+      0.0 <= margin.m <= upper,
+      f"{margin.kind}: margin m must be in [0, {upper:.4g}] (the paper uses "
+      f"{type(margin).m}), got {margin.m}.",
+  )
 
 
 def _check_t_alpha(margin: "Margin") -> None:
-  _require(0.0 < margin.t_alpha <= 1.0,
-           f"{margin.kind}: t_alpha is the weight of the new batch in a moving average, in (0, 1] "
-           f"(the paper uses 0.01), got {margin.t_alpha}.")
+  _require(
+      0.0 < margin.t_alpha <= 1.0,
+      f"{margin.kind}: t_alpha is the weight of the new batch in a moving average, in (0, 1] "
+      f"(the paper uses 0.01), got {margin.t_alpha}.",
+  )
 
 
 def _f32(x) -> jax.Array:
@@ -106,8 +110,10 @@ class Margin:
   s: float = 64.0
 
   def __post_init__(self):
-    _require(self.s > 0, f"{self.kind}: the scale s must be > 0 (the papers use 30 to 64), "
-                         f"got {self.s}.")
+    _require(
+        self.s > 0,
+        f"{self.kind}: the scale s must be > 0 (the papers use 30 to 64), " f"got {self.s}.",
+    )
     self.validate()
 
   def validate(self) -> None:
@@ -123,17 +129,18 @@ class Margin:
   def init_state(self) -> State:
     return {}
 
-  def update_statistics(self, state: State, *, cos_target: jax.Array,
-                        feature_norm: jax.Array) -> State:
+  def update_statistics(
+      self, state: State, *, cos_target: jax.Array, feature_norm: jax.Array
+  ) -> State:
     del cos_target, feature_norm
     return state
 
-  def target_logits(self, cos_target: jax.Array, *, state: State, feature_norm: jax.Array,
-                    key: jax.Array) -> jax.Array:
+  def target_logits(
+      self, cos_target: jax.Array, *, state: State, feature_norm: jax.Array, key: jax.Array
+  ) -> jax.Array:
     raise NotImplementedError
 
-  def nontarget_logits(self, cos: jax.Array, *, cos_target: jax.Array,
-                       state: State) -> jax.Array:
+  def nontarget_logits(self, cos: jax.Array, *, cos_target: jax.Array, state: State) -> jax.Array:
     del cos_target, state
     return losses.scaled_cos(cos, self.s)
 
@@ -195,23 +202,31 @@ class AutoMargin:
   m_max: float = 0.8
 
   def __post_init__(self):
-    _require(0.0 < self.target < 1.0,
-             f"auto_margin.target is an acc_margin in (0, 1), got {self.target}.")
-    _require(0.0 <= self.momentum < 1.0,
-             f"auto_margin.momentum must be in [0, 1), got {self.momentum}.")
+    _require(
+        0.0 < self.target < 1.0,
+        f"auto_margin.target is an acc_margin in (0, 1), got {self.target}.",
+    )
+    _require(
+        0.0 <= self.momentum < 1.0, f"auto_margin.momentum must be in [0, 1), got {self.momentum}."
+    )
     _require(self.rate >= 0, f"auto_margin.rate must be >= 0, got {self.rate}.")
-    _require(0.0 <= self.m_min <= self.m_max,
-             f"auto_margin needs 0 <= m_min <= m_max, got {self.m_min}, {self.m_max}.")
+    _require(
+        0.0 <= self.m_min <= self.m_max,
+        f"auto_margin needs 0 <= m_min <= m_max, got {self.m_min}, {self.m_max}.",
+    )
 
   def init_state(self, m: float) -> State:
     return {"m": _f32(m), "acc_margin_ema": _f32(0.0), "engaged": jnp.zeros((), jnp.bool_)}
 
   def update(self, state: State, acc_margin: jax.Array) -> State:
-    ema = (self.momentum * state["acc_margin_ema"] + (1.0 - self.momentum) * _f32(acc_margin))
+    ema = self.momentum * state["acc_margin_ema"] + (1.0 - self.momentum) * _f32(acc_margin)
     engaged = state["engaged"] | (ema >= self.target)
     steered = jnp.clip(state["m"] + self.rate * (ema - self.target), self.m_min, self.m_max)
-    return {"m": jnp.where(engaged, steered, state["m"]).astype(jnp.float32),
-            "acc_margin_ema": ema.astype(jnp.float32), "engaged": engaged}
+    return {
+        "m": jnp.where(engaged, steered, state["m"]).astype(jnp.float32),
+        "acc_margin_ema": ema.astype(jnp.float32),
+        "engaged": engaged,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,11 +241,15 @@ class AdditiveMargin(Margin):
     _check_margin(self, self.max_margin)
     if self.auto_margin is not None:
       am = self.auto_margin
-      _require(am.m_min <= self.m <= am.m_max,
-               f"{self.kind}: need auto_margin.m_min <= m <= auto_margin.m_max, got "
-               f"{am.m_min} <= {self.m} <= {am.m_max}.")
-      _require(am.m_max <= self.max_margin,
-               f"{self.kind}: auto_margin.m_max must be <= {self.max_margin:.4g}, got {am.m_max}.")
+      _require(
+          am.m_min <= self.m <= am.m_max,
+          f"{self.kind}: need auto_margin.m_min <= m <= auto_margin.m_max, got "
+          f"{am.m_min} <= {self.m} <= {am.m_max}.",
+      )
+      _require(
+          am.m_max <= self.max_margin,
+          f"{self.kind}: auto_margin.m_max must be <= {self.max_margin:.4g}, got {am.m_max}.",
+      )
 
   def init_state(self) -> State:
     return {} if self.auto_margin is None else self.auto_margin.init_state(self.m)
@@ -332,8 +351,10 @@ class SphereFace(Margin):
   m: int = 4
 
   def validate(self):
-    _require(isinstance(self.m, int) and not isinstance(self.m, bool) and self.m >= 1,
-             f"sphereface takes an integer margin m >= 1 (the paper uses 4), got {self.m!r}.")
+    _require(
+        isinstance(self.m, int) and not isinstance(self.m, bool) and self.m >= 1,
+        f"sphereface takes an integer margin m >= 1 (the paper uses 4), got {self.m!r}.",
+    )
 
   def target_logits(self, cos_target, *, state, feature_norm, key):
     return self.s * losses.monotone_cos(self.m * losses.safe_arccos(_f32(cos_target)))
@@ -356,9 +377,11 @@ class Combined(Margin):
   m3: float = 0.2
 
   def validate(self):
-    _require(self.m1 > 0 and 0 <= self.m2 < math.pi and 0 <= self.m3 <= 1,
-             f"combined margin (m1, m2, m3)=({self.m1}, {self.m2}, {self.m3}) out of range: need "
-             "m1 > 0, 0 <= m2 < pi, 0 <= m3 <= 1 (insightface uses (1.0, 0.3, 0.2)).")
+    _require(
+        self.m1 > 0 and 0 <= self.m2 < math.pi and 0 <= self.m3 <= 1,
+        f"combined margin (m1, m2, m3)=({self.m1}, {self.m2}, {self.m3}) out of range: need "
+        "m1 > 0, 0 <= m2 < pi, 0 <= m3 <= 1 (insightface uses (1.0, 0.3, 0.2)).",
+    )
 
   def target_logits(self, cos_target, *, state, feature_norm, key):
     theta = losses.safe_arccos(_f32(cos_target))
@@ -385,9 +408,11 @@ class SubcenterArcFace(Margin):
 
   def validate(self):
     _check_margin(self, math.pi)
-    _require(isinstance(self.num_subcenters, int) and self.num_subcenters >= 1,
-             f"subcenter_arcface: num_subcenters must be an integer >= 1 (the paper uses 3), got "
-             f"{self.num_subcenters!r}.")
+    _require(
+        isinstance(self.num_subcenters, int) and self.num_subcenters >= 1,
+        f"subcenter_arcface: num_subcenters must be an integer >= 1 (the paper uses 3), got "
+        f"{self.num_subcenters!r}.",
+    )
 
   @property
   def centers_per_class(self):
@@ -396,8 +421,10 @@ class SubcenterArcFace(Margin):
   def pool_class_cosines(self, cos):
     k = self.num_subcenters
     if cos.shape[-1] % k:
-      raise ValueError(f"subcenter_arcface: {cos.shape[-1]} cosines per row is not a multiple of "
-                       f"the {k} sub-centres per class; centres must be [C * {k}, D], class-major.")
+      raise ValueError(
+          f"subcenter_arcface: {cos.shape[-1]} cosines per row is not a multiple of "
+          f"the {k} sub-centres per class; centres must be [C * {k}, D], class-major."
+      )
     return jnp.max(cos.reshape(cos.shape[:-1] + (cos.shape[-1] // k, k)), axis=-1)
 
   def target_logits(self, cos_target, *, state, feature_norm, key):
@@ -491,15 +518,22 @@ class AdaFace(Margin):
 
   def update_statistics(self, state, *, cos_target, feature_norm):
     norms = self._clipped(feature_norm)
-    _require(norms.ndim == 1 and norms.shape[0] >= 2,
-             f"adaface: batch statistics need B >= 2 feature norms, got shape {norms.shape}.")
-    return {"norm_mean": _ema(self.t_alpha, jnp.mean(norms), state["norm_mean"]),
-            "norm_std": _ema(self.t_alpha, jnp.std(norms, ddof=1), state["norm_std"])}
+    _require(
+        norms.ndim == 1 and norms.shape[0] >= 2,
+        f"adaface: batch statistics need B >= 2 feature norms, got shape {norms.shape}.",
+    )
+    return {
+        "norm_mean": _ema(self.t_alpha, jnp.mean(norms), state["norm_mean"]),
+        "norm_std": _ema(self.t_alpha, jnp.std(norms, ddof=1), state["norm_std"]),
+    }
 
   def quality(self, feature_norm, state) -> jax.Array:
     """z in [-1, 1] per row, without gradient."""
-    scaled = (self.h * (self._clipped(feature_norm) - state["norm_mean"])
-              / (state["norm_std"] + _ADAFACE_STD_EPS))
+    scaled = (
+        self.h
+        * (self._clipped(feature_norm) - state["norm_mean"])
+        / (state["norm_std"] + _ADAFACE_STD_EPS)
+    )
     return jnp.clip(scaled, -1.0, 1.0)
 
   def target_logits(self, cos_target, *, state, feature_norm, key):
@@ -509,8 +543,7 @@ class AdaFace(Margin):
     return self.s * (losses.monotone_cos(jnp.maximum(theta + g_angle, 0.0)) - g_add)
 
   def metrics(self, state):
-    return {"margin": _f32(self.m), "norm_mean": state["norm_mean"],
-            "norm_std": state["norm_std"]}
+    return {"margin": _f32(self.m), "norm_mean": state["norm_mean"], "norm_std": state["norm_std"]}
 
 
 @register
@@ -534,11 +567,15 @@ class MagFace(Margin):
   lambda_g: float = 35.0
 
   def validate(self):
-    _require(0 < self.l_a < self.u_a and 0 <= self.l_m <= self.u_m < math.pi,
-             f"magface needs 0 < l_a < u_a and 0 <= l_m <= u_m < pi; got l_a={self.l_a}, "
-             f"u_a={self.u_a}, l_m={self.l_m}, u_m={self.u_m} (the paper: 10, 110, 0.45, 0.8).")
-    _require(self.lambda_g >= 0,
-             f"magface: lambda_g must be >= 0 (the paper uses 35), got {self.lambda_g}.")
+    _require(
+        0 < self.l_a < self.u_a and 0 <= self.l_m <= self.u_m < math.pi,
+        f"magface needs 0 < l_a < u_a and 0 <= l_m <= u_m < pi; got l_a={self.l_a}, "
+        f"u_a={self.u_a}, l_m={self.l_m}, u_m={self.u_m} (the paper: 10, 110, 0.45, 0.8).",
+    )
+    _require(
+        self.lambda_g >= 0,
+        f"magface: lambda_g must be >= 0 (the paper uses 35), got {self.lambda_g}.",
+    )
 
   def _magnitude(self, feature_norm):
     return jnp.clip(_f32(feature_norm), self.l_a, self.u_a)
@@ -582,8 +619,9 @@ class _ElasticFace(Margin):
 
   def validate(self):
     _check_margin(self, self.max_margin)
-    _require(self.sigma >= 0,
-             f"{self.kind}: sigma must be >= 0 (the paper uses 0.05), got {self.sigma}.")
+    _require(
+        self.sigma >= 0, f"{self.kind}: sigma must be >= 0 (the paper uses 0.05), got {self.sigma}."
+    )
 
   def row_margins(self, key: jax.Array, batch_size: int) -> jax.Array:
     return self.m + self.sigma * jax.random.normal(key, (batch_size,), jnp.float32)
@@ -630,10 +668,12 @@ def _unknown_key_error(kind: str, key: str, valid, block: str = "") -> ValueErro
   """`key` was given under config.loss.<block>, whose fields are `valid`."""
   close = difflib.get_close_matches(key, valid, n=1)
   hint = f" Did you mean {block + close[0]!r}?" if close else ""
-  return ValueError(f"Unknown field config.loss.{block}{key} for kind={kind!r}.{hint} Valid "
-                    f"fields: {', '.join(sorted(valid))}. (Each kind has its own fields: to "
-                    "switch kinds, start from a config that takes the kind as its argument, e.g. "
-                    "--config=configs/demo.py:curricularface.)")
+  return ValueError(
+      f"Unknown field config.loss.{block}{key} for kind={kind!r}.{hint} Valid "
+      f"fields: {', '.join(sorted(valid))}. (Each kind has its own fields: to "
+      "switch kinds, start from a config that takes the kind as its argument, e.g. "
+      "--config=configs/demo.py:curricularface.)"
+  )
 
 
 def loss_config(kind: str, **fields) -> ml_collections.ConfigDict:
@@ -656,8 +696,10 @@ def loss_config(kind: str, **fields) -> ml_collections.ConfigDict:
 
 def kind_class(kind: str) -> type[Margin]:
   if not isinstance(kind, str):
-    raise ValueError(f"config.loss.kind must name a margin kind, got {kind!r}. Valid kinds: "
-                     f"{', '.join(REGISTRY)}.")
+    raise ValueError(
+        f"config.loss.kind must name a margin kind, got {kind!r}. Valid kinds: "
+        f"{', '.join(REGISTRY)}."
+    )
   if kind not in REGISTRY:
     close = difflib.get_close_matches(kind, REGISTRY, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""

@@ -10,9 +10,12 @@ import numpy as np
 
 def flatten_metrics(metrics: Mapping[str, Mapping]) -> dict[str, float]:
   """{'lfw/accuracy': ..., 'lfw/tar@far=1e-3': ...}: every scalar entry of every set."""
-  return {f"{name}/{key}": float(value)
-          for name, set_metrics in metrics.items()
-          for key, value in set_metrics.items() if np.ndim(value) == 0}
+  return {
+      f"{name}/{key}": float(value)
+      for name, set_metrics in metrics.items()
+      for key, value in set_metrics.items()
+      if np.ndim(value) == 0
+  }
 
 
 def format_table(metrics: Mapping[str, Mapping]) -> str:
@@ -77,17 +80,32 @@ def plot_margin_trajectory(rows: Sequence[Mapping[str, float]], path: str) -> No
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
   steps = [row["step"] for row in rows]
-  prefixes = sorted({key[:-len("margin")] for row in rows for key in row
-                     if key.endswith("margin") and not key.endswith("acc_margin")})
+  prefixes = sorted(
+      {
+          key[: -len("margin")]
+          for row in rows
+          for key in row
+          if key.endswith("margin") and not key.endswith("acc_margin")
+      }
+  )
   figure = Figure(figsize=(7, 4.5), dpi=120)
   margin_axes = figure.subplots()
   acc_axes = margin_axes.twinx()
   for prefix in prefixes:
     label = prefix.rstrip("/") or "batch"
-    margin_axes.plot(steps, [row.get(prefix + "margin", np.nan) for row in rows],
-                     label=f"{label} margin", linewidth=1.4)
-    acc_axes.plot(steps, [row.get(prefix + "acc_margin", np.nan) for row in rows], "--",
-                  label=f"{label} acc_margin", linewidth=1.0)
+    margin_axes.plot(
+        steps,
+        [row.get(prefix + "margin", np.nan) for row in rows],
+        label=f"{label} margin",
+        linewidth=1.4,
+    )
+    acc_axes.plot(
+        steps,
+        [row.get(prefix + "acc_margin", np.nan) for row in rows],
+        "--",
+        label=f"{label} acc_margin",
+        linewidth=1.0,
+    )
   margin_axes.set_xlabel("step")
   margin_axes.set_ylabel("margin m (solid)")
   acc_axes.set_ylabel("acc_margin (dashed)")

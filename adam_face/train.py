@@ -62,19 +62,30 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def load_verification_sets(config: ml_collections.ConfigDict, names=None,
-                           data_dir: str | None = None) -> dict[str, dict[str, np.ndarray]]:
+def load_verification_sets(
+    config: ml_collections.ConfigDict, names=None, data_dir: str | None = None
+) -> dict[str, dict[str, np.ndarray]]:
   """The config's verification sets (or `names`), at the training image size."""
   # The held-out synthetic identities come from the same build as the training split, wherever
   # synthetic_faces sits among the training datasets (its builder defaults otherwise).
-  synthetic_kwargs = next((d.builder_kwargs for d in config_lib.training_datasets(config)
-                           if d.name == "synthetic_faces"), None)
+  synthetic_kwargs = next(
+      (
+          d.builder_kwargs
+          for d in config_lib.training_datasets(config)
+          if d.name == "synthetic_faces"
+      ),
+      None,
+  )
   return {
       verification_sets.set_name(name): verification_sets.load_verification_set(
-          name, data_dir=data_dir or config.verification.data_dir or None,
-          manual_dir=config.verification.manual_dir or None, image_size=config.dataset.image_size,
-          builder_kwargs=synthetic_kwargs if name == "synthetic" else None)
-      for name in (names or config.verification.sets)}
+          name,
+          data_dir=data_dir or config.verification.data_dir or None,
+          manual_dir=config.verification.manual_dir or None,
+          image_size=config.dataset.image_size,
+          builder_kwargs=synthetic_kwargs if name == "synthetic" else None,
+      )
+      for name in (names or config.verification.sets)
+  }
 
 
 def json_default(value):
@@ -104,8 +115,9 @@ def _evaluate(evaluator, state, step, writer, workdir, best):
     report.plot_roc(result.curves, os.path.join(workdir, "roc.png"))
     train_log = os.path.join(workdir, "train_log.jsonl")
     if os.path.exists(train_log):  # The auto-margin at work: margin and acc_margin by step.
-      report.plot_margin_trajectory(report.read_train_log(train_log),
-                                    os.path.join(workdir, "margin.png"))
+      report.plot_margin_trajectory(
+          report.read_train_log(train_log), os.path.join(workdir, "margin.png")
+      )
     with open(os.path.join(workdir, "best.json"), "w") as f:  # Survives a restart.
       json.dump(best, f, indent=2)
   logging.info("Verification at step %d:\n%s", step, report.format_table(result.metrics))
@@ -117,29 +129,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config_lib.validate_config(config)
   mesh = classifier.create_mesh()
   config_lib.validate_for_mesh(config, mesh.size, jax.process_count())
-  logging.info("Mesh: %d devices on %d processes (%s), axis %r.", mesh.size, jax.process_count(),
-               jax.devices()[0].platform, MESH_AXIS)
+  logging.info(
+      "Mesh: %d devices on %d processes (%s), axis %r.",
+      mesh.size,
+      jax.process_count(),
+      jax.devices()[0].platform,
+      MESH_AXIS,
+  )
 
   datasets = config_lib.training_datasets(config)
   batch_sizes = config_lib.dataset_batch_sizes(config)
   infos = [data_builders.dataset_info(d) for d in datasets]
   num_classes = tuple(info["num_classes"] for info in infos)
   for info, batch_size in zip(infos, batch_sizes):
-    logging.info("%s: %d classes, %d examples, %d of each batch.", info["full_name"],
-                 info["num_classes"], info["num_examples"], batch_size)
+    logging.info(
+        "%s: %d classes, %d examples, %d of each batch.",
+        info["full_name"],
+        info["num_classes"],
+        info["num_examples"],
+        batch_size,
+    )
   verification_sets = load_verification_sets(config)
   total_steps = total_train_steps(config, sum(info["num_examples"] for info in infos))
   logging.info("%d steps of %d images.", total_steps, config.global_batch_size)
 
-  model = models.create_model(config.model.name, embedding_dim=config.model.embedding_dim,
-                              dtype=jnp.dtype(config.compute_dtype),
-                              dropout_rate=config.model.dropout_rate)
+  model = models.create_model(
+      config.model.name,
+      embedding_dim=config.model.embedding_dim,
+      dtype=jnp.dtype(config.compute_dtype),
+      dropout_rate=config.model.dropout_rate,
+  )
   state, state_shardings = ts.create_train_state(config, model, mesh, num_classes, total_steps)
 
   checkpoints = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                           enable_async_checkpointing=True))
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=config.keep_checkpoints, create=True, enable_async_checkpointing=True
+      ),
+  )
   if checkpoints.latest_step() is not None:
     state = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.StandardRestore(state))
     logging.info("Resumed from step %d of %s.", int(state.step), workdir)
@@ -151,11 +178,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # Metrics replicated, so every process can read them (the per-sample angles included).
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, NamedSharding(mesh, P())),
-      donate_argnums=0)
+      donate_argnums=0,
+  )
   batches = train_input.create_fused_train_iterator(
-      datasets, batch_sizes=batch_sizes, seed=config.seed, start_step=start_step)
-  evaluator = verification.Evaluator(verification_sets, batch_size=config.verification.batch_size,
-                                     mesh=mesh, flip=config.verification.flip)
+      datasets, batch_sizes=batch_sizes, seed=config.seed, start_step=start_step
+  )
+  evaluator = verification.Evaluator(
+      verification_sets,
+      batch_size=config.verification.batch_size,
+      mesh=mesh,
+      flip=config.verification.flip,
+  )
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0:
@@ -164,8 +197,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f.write(config.to_json(indent=2))
   if start_step == 0:
     writer.write_hparams(config_lib.flat_hparams(config))
-  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                             every_steps=config.log_every_steps)
+  progress = periodic_actions.ReportProgress(
+      num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
+  )
   preemption = _Preemption()
   best_path = os.path.join(workdir, "best.json")
   best: dict[str, float] = {}
@@ -185,17 +219,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       window_metrics.append(metrics)
       if step % config.log_every_steps == 0 or step == total_steps:
         window = jax.device_get(window_metrics)
-        summary = {k: float(np.mean([m[k] for m in window]))
-                   for k in window[0] if np.ndim(window[0][k]) == 0}
+        summary = {
+            k: float(np.mean([m[k] for m in window]))
+            for k in window[0]
+            if np.ndim(window[0][k]) == 0
+        }
         elapsed = time.perf_counter() - window_start
         summary["images_per_second"] = len(window) * config.global_batch_size / elapsed
         writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
         if jax.process_index() == 0:  # For plots (margin.png) and benchmarks to read back.
           with open(train_log_path, "a") as f:
             f.write(json.dumps({"step": step, **summary}) + "\n")
-        writer.write_histograms(step, {
-            f"train/{k}": np.concatenate([m[k] for m in window])
-            for k in window[0] if np.ndim(window[0][k]) == 1})
+        writer.write_histograms(
+            step,
+            {
+                f"train/{k}": np.concatenate([m[k] for m in window])
+                for k in window[0]
+                if np.ndim(window[0][k]) == 1
+            },
+        )
         window_metrics, window_start = [], time.perf_counter()
       if step % config.checkpoint_every_steps == 0:
         checkpoints.save(step, args=ocp.args.StandardSave(state))
@@ -209,15 +251,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     preemption.restore()
     checkpoints.close()
   if step < total_steps:
-    logging.warning("Stopped at step %d of %d by SIGTERM; rerun the same command to resume.",
-                    step, total_steps)
+    logging.warning(
+        "Stopped at step %d of %d by SIGTERM; rerun the same command to resume.", step, total_steps
+    )
     writer.flush()
     return {"step": step, "preempted": True}
 
   result = _evaluate(evaluator, state, step, writer, workdir, best)
   writer.flush()
-  results = {"step": step, "metrics": result.metrics, "best": best,
-             "table": report.format_table(result.metrics)}
+  results = {
+      "step": step,
+      "metrics": result.metrics,
+      "best": best,
+      "table": report.format_table(result.metrics),
+  }
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2, default=json_default)

@@ -47,14 +47,14 @@ def decode_image(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
   ratio is not kept, e.g. ORL's 92x112 is stretched to square).
   """
   image = tf.cond(
-    tf.io.is_jpeg(image_bytes),
-    lambda: tf.io.decode_jpeg(image_bytes, channels=3, dct_method="INTEGER_ACCURATE"),
-    lambda: tf.io.decode_image(image_bytes, channels=3, expand_animations=False),
+      tf.io.is_jpeg(image_bytes),
+      lambda: tf.io.decode_jpeg(image_bytes, channels=3, dct_method="INTEGER_ACCURATE"),
+      lambda: tf.io.decode_image(image_bytes, channels=3, expand_animations=False),
   )
   image = tf.cond(
-    tf.reduce_all(tf.shape(image)[:2] == image_size),
-    lambda: tf.cast(image, tf.float32),
-    lambda: tf.image.resize(image, [image_size, image_size], antialias=True),
+      tf.reduce_all(tf.shape(image)[:2] == image_size),
+      lambda: tf.cast(image, tf.float32),
+      lambda: tf.image.resize(image, [image_size, image_size], antialias=True),
   )
   return tf.ensure_shape(image, [image_size, image_size, 3])
 
@@ -88,7 +88,7 @@ def augment_image(image: tf.Tensor, key: tf.Tensor, augment) -> tf.Tensor:
       image = tf.image.stateless_random_contrast(image, 1 - contrast, 1 + contrast, seed=keys[2])
     if saturation:
       image = tf.image.stateless_random_saturation(
-        image, 1 - saturation, 1 + saturation, seed=keys[3]
+          image, 1 - saturation, 1 + saturation, seed=keys[3]
       )
     image = tf.clip_by_value(image, 0.0, 1.0) * 255.0
   crop = augment.get("crop", 0.0)
@@ -117,17 +117,17 @@ def _seed_from(*values: int) -> int:
 
 
 def build_train_dataset(
-  builder: tfds.core.DatasetBuilder,
-  *,
-  split: str,
-  per_process_batch_size: int,
-  seed: int,
-  start_step: int = 0,
-  image_size: int = 112,
-  augment=None,
-  shuffle_buffer: int = 10_000,
-  process_index: int | None = None,
-  process_count: int | None = None,
+    builder: tfds.core.DatasetBuilder,
+    *,
+    split: str,
+    per_process_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    image_size: int = 112,
+    augment=None,
+    shuffle_buffer: int = 10_000,
+    process_index: int | None = None,
+    process_count: int | None = None,
 ) -> tf.data.Dataset:
   """The endless training tf.data pipeline of one process (see the module docstring).
 
@@ -150,15 +150,15 @@ def build_train_dataset(
   num_records = builder.info.splits[subsplit].num_examples
   if num_records == 0:
     raise ValueError(
-      f"{builder.info.full_name} split {split!r} leaves no records for process "
-      f"{process_index} of {process_count}"
+        f"{builder.info.full_name} split {split!r} leaves no records for process "
+        f"{process_index} of {process_count}"
     )
   augment = augment if augment is not None else {}
   records = builder.as_dataset(
-    split=subsplit,
-    shuffle_files=False,
-    decoders={"image": tfds.decode.SkipDecoding()},
-    read_config=tfds.ReadConfig(try_autocache=False),
+      split=subsplit,
+      shuffle_files=False,
+      decoders={"image": tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(try_autocache=False),
   ).map(lambda example: (example["image"], example["label"]))
 
   buffer_size = min(shuffle_buffer, num_records)
@@ -166,11 +166,11 @@ def build_train_dataset(
 
   def one_epoch(epoch):
     epoch_seed = tf.random.stateless_uniform(
-      [],
-      seed=tf.stack([tf.constant(epoch_seed_base, tf.int64), epoch]),
-      minval=None,
-      maxval=None,
-      dtype=tf.int64,
+        [],
+        seed=tf.stack([tf.constant(epoch_seed_base, tf.int64), epoch]),
+        minval=None,
+        maxval=None,
+        dtype=tf.int64,
     )
     return records.shuffle(buffer_size, seed=epoch_seed, reshuffle_each_iteration=False)
 
@@ -192,7 +192,7 @@ def build_train_dataset(
 
 
 def create_train_iterator(
-  dataset_config, *, global_batch_size: int, seed: int, start_step: int = 0
+    dataset_config, *, global_batch_size: int, seed: int, start_step: int = 0
 ) -> Iterator[dict[str, np.ndarray]]:
   """Endless {'image': float32 [B, S, S, 3], 'label': int32 [B]} batches for this process.
 
@@ -202,29 +202,29 @@ def create_train_iterator(
   """
   if global_batch_size % jax.process_count():
     raise ValueError(
-      f"global_batch_size {global_batch_size} is not divisible by the "
-      f"{jax.process_count()} processes"
+        f"global_batch_size {global_batch_size} is not divisible by the "
+        f"{jax.process_count()} processes"
     )
   builder = data_builders.dataset_builder(dataset_config)
   num_skipped = data_builders.num_skipped_images(builder, dataset_config.split)
   if num_skipped:
     logging.warning(
-      "%s: %d undecodable images were left out of split %s when it was built; "
-      "they are listed in its metadata (%s/metadata.json)",
-      builder.info.full_name,
-      num_skipped,
-      dataset_config.split,
-      builder.data_dir,
+        "%s: %d undecodable images were left out of split %s when it was built; "
+        "they are listed in its metadata (%s/metadata.json)",
+        builder.info.full_name,
+        num_skipped,
+        dataset_config.split,
+        builder.data_dir,
     )
   ds = build_train_dataset(
-    builder,
-    split=dataset_config.split,
-    per_process_batch_size=global_batch_size // jax.process_count(),
-    seed=seed,
-    start_step=start_step,
-    image_size=dataset_config.image_size,
-    augment=dataset_config.augment,
-    shuffle_buffer=dataset_config.shuffle_buffer,
+      builder,
+      split=dataset_config.split,
+      per_process_batch_size=global_batch_size // jax.process_count(),
+      seed=seed,
+      start_step=start_step,
+      image_size=dataset_config.image_size,
+      augment=dataset_config.augment,
+      shuffle_buffer=dataset_config.shuffle_buffer,
   )
   return ds.as_numpy_iterator()
 
@@ -260,13 +260,13 @@ def split_by_dataset(x, batch_sizes: Sequence[int], num_devices: int) -> list:
   parts, start = [], 0
   for size in batch_sizes:
     per_device = size // num_devices
-    parts.append(blocks[:, start:start + per_device].reshape((size,) + x.shape[1:]))
+    parts.append(blocks[:, start : start + per_device].reshape((size,) + x.shape[1:]))
     start += per_device
   return parts
 
 
 def create_fused_train_iterator(
-  dataset_configs, *, batch_sizes, seed: int, start_step: int = 0
+    dataset_configs, *, batch_sizes, seed: int, start_step: int = 0
 ) -> Iterator[dict[str, np.ndarray]]:
   """Batches holding batch_sizes[k] images of dataset_configs[k] each (dataset fusion).
 
@@ -277,16 +277,16 @@ def create_fused_train_iterator(
   """
   if len(dataset_configs) == 1:
     return create_train_iterator(
-      dataset_configs[0], global_batch_size=batch_sizes[0], seed=seed, start_step=start_step
+        dataset_configs[0], global_batch_size=batch_sizes[0], seed=seed, start_step=start_step
     )
   streams = [
-    create_train_iterator(
-      dataset_config,
-      global_batch_size=batch_size,
-      seed=dataset_seed(seed, k),
-      start_step=start_step,
-    )
-    for k, (dataset_config, batch_size) in enumerate(zip(dataset_configs, batch_sizes))
+      create_train_iterator(
+          dataset_config,
+          global_batch_size=batch_size,
+          seed=dataset_seed(seed, k),
+          start_step=start_step,
+      )
+      for k, (dataset_config, batch_size) in enumerate(zip(dataset_configs, batch_sizes))
   ]
   local_devices = jax.local_device_count()
 
@@ -294,8 +294,7 @@ def create_fused_train_iterator(
     while True:
       batches = [next(stream) for stream in streams]
       yield {
-        key: fuse_datasets([batch[key] for batch in batches], local_devices)
-        for key in batches[0]
+          key: fuse_datasets([batch[key] for batch in batches], local_devices) for key in batches[0]
       }
 
   return fused()

@@ -64,19 +64,22 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, total_steps: int)
     main = optax.cosine_decay_schedule(peak, decay_steps)
   elif opt.schedule == "step":
     main = optax.piecewise_constant_schedule(
-        peak, {int(b) - warmup: 0.1 for b in opt.step_boundaries})
+        peak, {int(b) - warmup: 0.1 for b in opt.step_boundaries}
+    )
   elif opt.schedule == "constant":
     main = optax.constant_schedule(peak)
   else:
-    raise ValueError(f"optimizer.schedule={opt.schedule!r}; valid: polynomial, cosine, step, "
-                     "constant.")
+    raise ValueError(
+        f"optimizer.schedule={opt.schedule!r}; valid: polynomial, cosine, step, " "constant."
+    )
   if not warmup:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
-def create_optimizer(config: ml_collections.ConfigDict,
-                     learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+def create_optimizer(
+    config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+) -> optax.GradientTransformation:
   """SGD+momentum with coupled weight decay (insightface's recipe) or AdamW.
 
   Gradient clipping applies to the backbone only, as insightface clips the backbone's gradient
@@ -85,11 +88,16 @@ def create_optimizer(config: ml_collections.ConfigDict,
   opt = config.optimizer
   parts = []
   if opt.grad_clip_norm > 0:
-    parts.append(optax.masked(optax.clip_by_global_norm(opt.grad_clip_norm),
-                              {"backbone": True, "head": False}))
+    parts.append(
+        optax.masked(
+            optax.clip_by_global_norm(opt.grad_clip_norm), {"backbone": True, "head": False}
+        )
+    )
   if opt.name == "sgd":
-    parts += [optax.add_decayed_weights(opt.weight_decay),
-              optax.sgd(learning_rate_fn, momentum=opt.momentum)]
+    parts += [
+        optax.add_decayed_weights(opt.weight_decay),
+        optax.sgd(learning_rate_fn, momentum=opt.momentum),
+    ]
   elif opt.name == "adamw":
     parts.append(optax.adamw(learning_rate_fn, b1=opt.momentum, weight_decay=opt.weight_decay))
   else:
@@ -110,8 +118,13 @@ def _state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
   return jax.tree_util.tree_map_with_path(sharding, abstract_state)
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: flax.linen.Module, mesh: Mesh,
-                       num_classes: Sequence[int], total_steps: int):
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model: flax.linen.Module,
+    mesh: Mesh,
+    num_classes: Sequence[int],
+    total_steps: int,
+):
   """Initialises the train state directly in its sharded layout; returns (state, shardings).
 
   num_classes holds the class count of each training dataset (config_lib.training_datasets);
@@ -120,26 +133,47 @@ def create_train_state(config: ml_collections.ConfigDict, model: flax.linen.Modu
   size = config.dataset.image_size
   margin = margins.from_config(config.loss)
   names = [d.name for d in config_lib.training_datasets(config)]
-  heads = tuple(Head(name, classes, batch_size, margin) for name, classes, batch_size
-                in zip(names, num_classes, config_lib.dataset_batch_sizes(config)))
+  heads = tuple(
+      Head(name, classes, batch_size, margin)
+      for name, classes, batch_size in zip(
+          names, num_classes, config_lib.dataset_batch_sizes(config)
+      )
+  )
   learning_rate_fn = create_learning_rate_fn(config, total_steps)
   tx = create_optimizer(config, learning_rate_fn)
 
   def init(rng):
     params_rng, dropout_rng, head_rng, state_rng = jax.random.split(rng, 4)
-    variables = model.init({"params": params_rng, "dropout": dropout_rng},
-                           jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+    variables = model.init(
+        {"params": params_rng, "dropout": dropout_rng},
+        jnp.zeros((1, size, size, 3), jnp.float32),
+        train=False,
+    )
     centers = tuple(
-        {"centers": classifier.random_centers(jax.random.fold_in(head_rng, k), head.num_classes,
-                                              config.model.embedding_dim, mesh.size,
-                                              head.margin.centers_per_class)}
-        for k, head in enumerate(heads))
+        {
+            "centers": classifier.random_centers(
+                jax.random.fold_in(head_rng, k),
+                head.num_classes,
+                config.model.embedding_dim,
+                mesh.size,
+                head.margin.centers_per_class,
+            )
+        }
+        for k, head in enumerate(heads)
+    )
     return TrainState.create(
-        apply_fn=model.apply, params={"backbone": variables["params"], "head": centers}, tx=tx,
+        apply_fn=model.apply,
+        params={"backbone": variables["params"], "head": centers},
+        tx=tx,
         batch_stats=variables.get("batch_stats", {}),
-        margin_states=tuple(head.margin.init_state() for head in heads), rng=state_rng,
-        heads=heads, mesh=mesh, sample_rate=config.head.sample_rate,
-        compute_dtype=jnp.dtype(config.compute_dtype), learning_rate_fn=learning_rate_fn)
+        margin_states=tuple(head.margin.init_state() for head in heads),
+        rng=state_rng,
+        heads=heads,
+        mesh=mesh,
+        sample_rate=config.head.sample_rate,
+        compute_dtype=jnp.dtype(config.compute_dtype),
+        learning_rate_fn=learning_rate_fn,
+    )
 
   rng = jax.random.PRNGKey(config.seed)
   shardings = _state_shardings(jax.eval_shape(init, rng), mesh)
@@ -148,13 +182,23 @@ def create_train_state(config: ml_collections.ConfigDict, model: flax.linen.Modu
 
 def _batch_mean(values, batch_sizes: Sequence[int]) -> jax.Array:
   """The mean over the rows of a fused batch of per-dataset values (weights: their row counts)."""
-  return sum(jnp.asarray(v, jnp.float32) * size
-             for v, size in zip(values, batch_sizes)) / sum(batch_sizes)
+  return sum(jnp.asarray(v, jnp.float32) * size for v, size in zip(values, batch_sizes)) / sum(
+      batch_sizes
+  )
 
 
-def fused_margin_loss(head_params, margin_states, embeddings: jax.Array, labels: jax.Array,
-                      keys, *, heads: Sequence[Head], mesh: Mesh, sample_rate: float = 1.0,
-                      compute_dtype: Any = jnp.float32):
+def fused_margin_loss(
+    head_params,
+    margin_states,
+    embeddings: jax.Array,
+    labels: jax.Array,
+    keys,
+    *,
+    heads: Sequence[Head],
+    mesh: Mesh,
+    sample_rate: float = 1.0,
+    compute_dtype: Any = jnp.float32,
+):
   """The margin loss of a (possibly fused) global batch: each dataset's rows against that
   dataset's head only, so identities that two datasets share under different labels never act
   as each other's negatives. The loss is the mean over all rows, i.e. the datasets' losses
@@ -163,14 +207,27 @@ def fused_margin_loss(head_params, margin_states, embeddings: jax.Array, labels:
   Returns (loss, (per-dataset losses, metrics, margin states, sampled masks)).
   """
   batch_sizes = [head.batch_size for head in heads]
-  rows = zip(train_input.split_by_dataset(embeddings, batch_sizes, mesh.size),
-             train_input.split_by_dataset(labels, batch_sizes, mesh.size))
-  outputs = [classifier.margin_head_loss(params["centers"], emb, dataset_labels, head.margin,
-                                         state, mesh=mesh, num_classes=head.num_classes,
-                                         sample_rate=sample_rate, key=key,
-                                         compute_dtype=compute_dtype)
-             for head, params, state, (emb, dataset_labels), key
-             in zip(heads, head_params, margin_states, rows, keys)]
+  rows = zip(
+      train_input.split_by_dataset(embeddings, batch_sizes, mesh.size),
+      train_input.split_by_dataset(labels, batch_sizes, mesh.size),
+  )
+  outputs = [
+      classifier.margin_head_loss(
+          params["centers"],
+          emb,
+          dataset_labels,
+          head.margin,
+          state,
+          mesh=mesh,
+          num_classes=head.num_classes,
+          sample_rate=sample_rate,
+          key=key,
+          compute_dtype=compute_dtype,
+      )
+      for head, params, state, (emb, dataset_labels), key in zip(
+          heads, head_params, margin_states, rows, keys
+      )
+  ]
   dataset_losses, metrics, new_states, sampled = zip(*outputs)
   return _batch_mean(dataset_losses, batch_sizes), (dataset_losses, metrics, new_states, sampled)
 
@@ -186,33 +243,50 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]):
 
   def loss_fn(params):
     embeddings, new_model_state = state.apply_fn(
-        {"params": params["backbone"], "batch_stats": state.batch_stats}, batch["image"],
-        train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+        {"params": params["backbone"], "batch_stats": state.batch_stats},
+        batch["image"],
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": dropout_rng},
+    )
     loss, per_dataset = fused_margin_loss(
-        params["head"], state.margin_states, embeddings, batch["label"],
-        jax.random.split(head_rng, len(heads)), heads=heads, mesh=state.mesh,
-        sample_rate=state.sample_rate, compute_dtype=state.compute_dtype)
+        params["head"],
+        state.margin_states,
+        embeddings,
+        batch["label"],
+        jax.random.split(head_rng, len(heads)),
+        heads=heads,
+        mesh=state.mesh,
+        sample_rate=state.sample_rate,
+        compute_dtype=state.compute_dtype,
+    )
     return loss, (per_dataset, new_model_state["batch_stats"])
 
   (loss, ((head_losses, head_metrics, margin_states, sampled), batch_stats)), grads = (
-      jax.value_and_grad(loss_fn, has_aux=True)(state.params))
+      jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  )
   new_state = state.apply_gradients(grads=grads)
   if state.sample_rate < 1.0:
     params, opt_state = classifier.keep_unsampled_rows(
-        (new_state.params, new_state.opt_state), (state.params, state.opt_state), sampled)
+        (new_state.params, new_state.opt_state), (state.params, state.opt_state), sampled
+    )
     new_state = new_state.replace(params=params, opt_state=opt_state)
 
   batch_sizes = [head.batch_size for head in heads]
-  scalars = {k: _batch_mean([m[k] for m in head_metrics], batch_sizes)
-             for k in head_metrics[0] if k != "cos_target"}
+  scalars = {
+      k: _batch_mean([m[k] for m in head_metrics], batch_sizes)
+      for k in head_metrics[0]
+      if k != "cos_target"
+  }
   metrics = {
       "loss": loss,
       **scalars,  # acc, acc_margin and each margin's own (margin, t, norm statistics ...).
       "learning_rate": state.learning_rate_fn(state.step),
       "grad_norm": optax.tree.norm(grads["backbone"]),
       # Per-sample difficulty: where on [0, 180] degrees the targets sit (histogram).
-      "target_angle_deg": jnp.degrees(jnp.arccos(jnp.clip(
-          jnp.concatenate([m["cos_target"] for m in head_metrics]), -1.0, 1.0))),
+      "target_angle_deg": jnp.degrees(
+          jnp.arccos(jnp.clip(jnp.concatenate([m["cos_target"] for m in head_metrics]), -1.0, 1.0))
+      ),
   }
   if len(heads) > 1:  # Per dataset, named by its builder (e.g. "casia_webface/acc_margin").
     for head, head_loss, head_metric in zip(heads, head_losses, head_metrics):
@@ -229,4 +303,5 @@ def embed_fn_for(state: TrainState) -> jax.tree_util.Partial:
     return state.apply_fn(variables, images, train=False)
 
   return jax.tree_util.Partial(
-      embed, {"params": state.params["backbone"], "batch_stats": state.batch_stats})
+      embed, {"params": state.params["backbone"], "batch_stats": state.batch_stats}
+  )

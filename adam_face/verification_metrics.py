@@ -59,8 +59,10 @@ def pair_scores(emb_a: np.ndarray, emb_b: np.ndarray) -> np.ndarray:
   """
   emb_a, emb_b = np.asarray(emb_a), np.asarray(emb_b)
   if emb_a.ndim != 2 or emb_a.shape != emb_b.shape:
-    raise ValueError(f"emb_a and emb_b must both be [N, D] with the same shape; got "
-                     f"{emb_a.shape} and {emb_b.shape}.")
+    raise ValueError(
+        f"emb_a and emb_b must both be [N, D] with the same shape; got "
+        f"{emb_a.shape} and {emb_b.shape}."
+    )
   dtype = np.float64 if np.result_type(emb_a, emb_b) == np.float64 else np.float32
   num_pairs, dim = emb_a.shape
   dots, squares_a, squares_b = (np.empty(num_pairs, dtype) for _ in range(3))
@@ -77,8 +79,10 @@ def pair_scores(emb_a: np.ndarray, emb_b: np.ndarray) -> np.ndarray:
   norms = np.sqrt(squares_a) * np.sqrt(squares_b)
   bad = np.flatnonzero(~(np.isfinite(norms) & (norms > 0)))
   if bad.size:
-    raise ValueError(f"pair {bad[0]} has an embedding of zero or non-finite norm, so its cosine "
-                     "score is undefined.")
+    raise ValueError(
+        f"pair {bad[0]} has an embedding of zero or non-finite norm, so its cosine "
+        "score is undefined."
+    )
   return (dots / norms).astype(np.float32, copy=False)
 
 
@@ -90,10 +94,11 @@ def consecutive_folds(num_pairs: int, num_folds: int = 10) -> np.ndarray:
   .bin so, and the metrics themselves require 2 <= num_folds <= num_pairs.
   """
   if num_folds < 1 or num_pairs < 0:
-    raise ValueError(f"num_folds={num_folds} must be positive and num_pairs={num_pairs} "
-                     "non-negative.")
+    raise ValueError(
+        f"num_folds={num_folds} must be positive and num_pairs={num_pairs} " "non-negative."
+    )
   sizes = np.full(num_folds, num_pairs // num_folds)
-  sizes[:num_pairs % num_folds] += 1
+  sizes[: num_pairs % num_folds] += 1
   return np.repeat(np.arange(num_folds, dtype=np.int32), sizes)
 
 
@@ -102,8 +107,7 @@ def best_accuracy_threshold(scores: np.ndarray, is_same: np.ndarray) -> tuple[fl
   return _best_cut(_RankedPairs.of(*_checked_scores(scores, is_same)))
 
 
-def roc_curve(scores: np.ndarray, is_same: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_curve(scores: np.ndarray, is_same: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(far, tar, thresholds): one point per distinct score as a cut, FAR ascending.
 
   Point i accepts pairs with score > thresholds[i]; the first point is (0, 0) at the highest
@@ -115,9 +119,12 @@ def roc_curve(scores: np.ndarray, is_same: np.ndarray
   return far, tar, thresholds
 
 
-def verification_metrics_from_scores(scores: np.ndarray, is_same: np.ndarray,
-                                     folds: int | np.ndarray = 10,
-                                     fars: Sequence[float] = DEFAULT_FARS) -> dict:
+def verification_metrics_from_scores(
+    scores: np.ndarray,
+    is_same: np.ndarray,
+    folds: int | np.ndarray = 10,
+    fars: Sequence[float] = DEFAULT_FARS,
+) -> dict:
   """Verification metrics of pair scores under the module's conventions.
 
   Args:
@@ -170,9 +177,13 @@ def verification_metrics_from_scores(scores: np.ndarray, is_same: np.ndarray,
   return metrics
 
 
-def verification_metrics(emb_a: np.ndarray, emb_b: np.ndarray, is_same: np.ndarray,
-                         folds: int | np.ndarray = 10,
-                         fars: Sequence[float] = DEFAULT_FARS) -> dict:
+def verification_metrics(
+    emb_a: np.ndarray,
+    emb_b: np.ndarray,
+    is_same: np.ndarray,
+    folds: int | np.ndarray = 10,
+    fars: Sequence[float] = DEFAULT_FARS,
+) -> dict:
   """verification_metrics_from_scores of the cosine scores of embedding pairs [N, D] x [N, D]."""
   return verification_metrics_from_scores(pair_scores(emb_a, emb_b), is_same, folds, fars)
 
@@ -190,15 +201,15 @@ def pool_scores(parts: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.n
   return pooled
 
 
-def hetd_metrics(parts: Mapping[str, Mapping[str, np.ndarray]],
-                 fars: Sequence[float] = HETD_FARS) -> dict:
+def hetd_metrics(
+    parts: Mapping[str, Mapping[str, np.ndarray]], fars: Sequence[float] = HETD_FARS
+) -> dict:
   """Metrics of the hard-examples test dataset: the given sets' pairs pooled (see pool_scores).
 
   HETD pools LFW, CFP-FP and AgeDB-30 (HETD_MEMBERS), the sets verification.Evaluator passes.
   """
   pooled = pool_scores(parts)
-  return verification_metrics_from_scores(pooled["scores"], pooled["is_same"], pooled["fold"],
-                                          fars)
+  return verification_metrics_from_scores(pooled["scores"], pooled["is_same"], pooled["fold"], fars)
 
 
 def far_label(far: float) -> str:
@@ -220,14 +231,18 @@ def _checked_scores(scores, is_same, need_both_classes=False):
   scores = np.asarray(scores)
   is_same = np.asarray(is_same)
   if scores.ndim != 1 or is_same.shape != scores.shape:
-    raise ValueError(f"scores and is_same must both be 1-D of the same length; got "
-                     f"{scores.shape} and {is_same.shape}.")
+    raise ValueError(
+        f"scores and is_same must both be 1-D of the same length; got "
+        f"{scores.shape} and {is_same.shape}."
+    )
   if not np.issubdtype(scores.dtype, np.floating):
     raise ValueError(f"scores must be floating point; got {scores.dtype}.")
   bad = np.flatnonzero(~np.isfinite(scores))
   if bad.size:
-    raise ValueError(f"{bad.size} scores are not finite (first at pair {bad[0]}: "
-                     f"{scores[bad[0]]}); fix the embeddings that produced them.")
+    raise ValueError(
+        f"{bad.size} scores are not finite (first at pair {bad[0]}: "
+        f"{scores[bad[0]]}); fix the embeddings that produced them."
+    )
   if is_same.dtype != np.bool_:
     if not np.isin(is_same, (0, 1)).all():
       raise ValueError("is_same must be boolean (or 0/1); it holds other values.")
@@ -235,8 +250,10 @@ def _checked_scores(scores, is_same, need_both_classes=False):
   if len(scores) == 0:
     raise ValueError("no pairs to score.")
   if need_both_classes and (is_same.all() or not is_same.any()):
-    raise ValueError(f"the pairs must include both genuine and impostor pairs; all "
-                     f"{len(is_same)} are {'genuine' if is_same.all() else 'impostor'}.")
+    raise ValueError(
+        f"the pairs must include both genuine and impostor pairs; all "
+        f"{len(is_same)} are {'genuine' if is_same.all() else 'impostor'}."
+    )
   # float32 and float64 are ranked as given (float32 sorts faster); thresholds are computed in
   # float64, which holds every float32 score and every midpoint of two of them exactly.
   if scores.dtype not in (np.float32, np.float64):
@@ -253,8 +270,10 @@ def _checked_folds(folds, num_pairs):
   else:
     fold = np.asarray(folds)
     if fold.shape != (num_pairs,) or not np.issubdtype(fold.dtype, np.integer):
-      raise ValueError(f"folds must be an int or an integer fold id per pair, shape "
-                       f"({num_pairs},); got {fold.dtype} {fold.shape}.")
+      raise ValueError(
+          f"folds must be an int or an integer fold id per pair, shape "
+          f"({num_pairs},); got {fold.dtype} {fold.shape}."
+      )
     if fold.min() >= 0 and fold.max() < num_pairs:  # Small ids: a count beats a sort.
       present = np.bincount(fold.astype(np.intp), minlength=1) > 0
       codes = (np.cumsum(present) - 1)[fold]
@@ -274,6 +293,7 @@ class _RankedPairs:
   valid cuts, so the order of pairs inside a run of ties is irrelevant and the sort need not be
   stable.
   """
+
   order: np.ndarray  # [N] the permutation that sorts the scores.
   scores: np.ndarray  # [N] ascending, float32 or float64 as given.
   is_same: np.ndarray  # [N] bool, in score order.
@@ -300,8 +320,9 @@ class _RankedPairs:
     cut_margin = rejected_impostors - rejected_genuine
     if len(cuts) <= num_pairs:
       np.putmask(cut_margin, ~is_cut, -3 * (num_pairs + 1))
-    return cls(order, sorted_scores, sorted_same, cuts, rejected_genuine, rejected_impostors,
-               cut_margin)
+    return cls(
+        order, sorted_scores, sorted_same, cuts, rejected_genuine, rejected_impostors, cut_margin
+    )
 
   @property
   def num_pairs(self) -> int:
@@ -353,7 +374,7 @@ def _cross_validated_cuts(ranked, sorted_fold):
   fold_threshold = np.empty(len(fold_sizes))
   fold_accuracy = np.empty(len(fold_sizes))
   for f, (size, end) in enumerate(zip(fold_sizes, fold_ends)):
-    positions = by_fold[end - size:end]
+    positions = by_fold[end - size : end]
     # fold_margin[j]: margin_f of the first j pairs of fold f; fold_margin[-1] = I_f - G_f.
     fold_margin = np.concatenate(([0], np.cumsum(np.where(ranked.is_same[positions], -1, 1))))
     # Segment j: the cuts with exactly j pairs of fold f below them.
@@ -361,7 +382,7 @@ def _cross_validated_cuts(ranked, sorted_fold):
     segment_best = np.maximum.reduceat(margin, starts)
     train_margin = segment_best - fold_margin
     j = size - int(np.argmax(train_margin[::-1]))  # Ties go to the highest cut.
-    in_segment = margin[starts[j]:positions[j] + 1 if j < size else num_pairs + 1]
+    in_segment = margin[starts[j] : positions[j] + 1 if j < size else num_pairs + 1]
     cut = starts[j] + len(in_segment) - 1 - int(np.argmax(in_segment[::-1] == segment_best[j]))
     num_train_rejected, num_train = cut - j, num_pairs - size
     if num_train_rejected == 0:
@@ -377,8 +398,9 @@ def _cross_validated_cuts(ranked, sorted_fold):
       run_stop = np.searchsorted(offset, cut - j, side="right")
       highest_rejected = cut - 1 - (j - run_start)
       lowest_accepted = cut + (run_stop - j)
-      threshold = (float(ranked.scores[highest_rejected]) +
-                   float(ranked.scores[lowest_accepted])) / 2
+      threshold = (
+          float(ranked.scores[highest_rejected]) + float(ranked.scores[lowest_accepted])
+      ) / 2
     held_out_scores = ranked.scores[positions].astype(np.float64, copy=False)
     held_out_rejected = np.searchsorted(held_out_scores, threshold, side="right")
     genuine = (size - int(fold_margin[-1])) // 2

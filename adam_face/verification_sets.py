@@ -37,7 +37,7 @@ def set_name(entry: str) -> str:
 
 
 def _decoded_uint8(
-  ds: tf.data.Dataset, image_keys: tuple[str, ...], image_size: int, other_keys: tuple[str, ...]
+    ds: tf.data.Dataset, image_keys: tuple[str, ...], image_size: int, other_keys: tuple[str, ...]
 ) -> dict[str, np.ndarray]:
   """Reads all of ds (with undecoded images) into numpy, images as uint8 [N, S, S, 3]."""
 
@@ -49,17 +49,17 @@ def _decoded_uint8(
     return out
 
   batches = list(
-    ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(256).prefetch(1).as_numpy_iterator()
+      ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(256).prefetch(1).as_numpy_iterator()
   )
   return {k: np.concatenate([b[k] for b in batches]) for k in image_keys + other_keys}
 
 
 def _images_of(builder, split: str, image_size: int) -> dict[str, np.ndarray]:
   ds = builder.as_dataset(
-    split=split,
-    shuffle_files=False,
-    decoders={"image": tfds.decode.SkipDecoding()},
-    read_config=tfds.ReadConfig(try_autocache=False),
+      split=split,
+      shuffle_files=False,
+      decoders={"image": tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(try_autocache=False),
   )
   keys = tuple(k for k in ("label", "identity") if k in builder.info.features)
   return _decoded_uint8(ds, ("image",), image_size, keys)
@@ -68,10 +68,10 @@ def _images_of(builder, split: str, image_size: int) -> dict[str, np.ndarray]:
 def _pairs_of(images: np.ndarray, identities: np.ndarray, **pair_kwargs) -> dict[str, np.ndarray]:
   chosen = pairs.make_pairs(identities, **pair_kwargs)
   return {
-    "image_a": images[chosen["index_a"]],
-    "image_b": images[chosen["index_b"]],
-    "is_same": chosen["is_same"],
-    "fold": chosen["fold"],
+      "image_a": images[chosen["index_a"]],
+      "image_b": images[chosen["index_b"]],
+      "is_same": chosen["is_same"],
+      "fold": chosen["fold"],
   }
 
 
@@ -85,27 +85,27 @@ def _balanced_pairs_of(images: np.ndarray, identities: np.ndarray) -> dict[str, 
 
 def _face_verification_pairs(builder, image_size: int) -> dict[str, np.ndarray]:
   ds = builder.as_dataset(
-    split="test",
-    shuffle_files=False,
-    decoders={"image_a": tfds.decode.SkipDecoding(), "image_b": tfds.decode.SkipDecoding()},
-    read_config=tfds.ReadConfig(try_autocache=False),
+      split="test",
+      shuffle_files=False,
+      decoders={"image_a": tfds.decode.SkipDecoding(), "image_b": tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(try_autocache=False),
   )
   out = _decoded_uint8(ds, ("image_a", "image_b"), image_size, ("is_same", "fold"))
   return {
-    "image_a": out["image_a"],
-    "image_b": out["image_b"],
-    "is_same": out["is_same"].astype(bool),
-    "fold": out["fold"].astype(np.int32),
+      "image_a": out["image_a"],
+      "image_b": out["image_b"],
+      "is_same": out["is_same"].astype(bool),
+      "fold": out["fold"].astype(np.int32),
   }
 
 
 def load_verification_set(
-  name: str,
-  *,
-  data_dir: str | None = None,
-  image_size: int = 112,
-  builder_kwargs=None,
-  manual_dir: str | None = None,
+    name: str,
+    *,
+    data_dir: str | None = None,
+    image_size: int = 112,
+    builder_kwargs=None,
+    manual_dir: str | None = None,
 ) -> dict[str, np.ndarray]:
   """A verification pair set: {'image_a', 'image_b': uint8 [N, S, S, 3], 'is_same': bool [N],
   'fold': int32 [N]}.
@@ -127,12 +127,12 @@ def load_verification_set(
   """
   if name in face_verification.SETS:
     builder = data_builders.prepared_builder(
-      f"face_verification/{name}", data_dir=data_dir, manual_dir=manual_dir
+        f"face_verification/{name}", data_dir=data_dir, manual_dir=manual_dir
     )
     return _face_verification_pairs(builder, image_size)
   if name == "synthetic":
     builder = data_builders.prepared_builder(
-      "synthetic_faces", data_dir=data_dir, builder_kwargs=builder_kwargs
+        "synthetic_faces", data_dir=data_dir, builder_kwargs=builder_kwargs
     )
     heldout = _images_of(builder, "heldout", image_size)
     return _balanced_pairs_of(heldout["image"], heldout["identity"])
@@ -144,10 +144,10 @@ def load_verification_set(
     return _balanced_pairs_of(orl["image"][keep], names[keep])
   if face_verification.is_path_entry(name):
     builder = data_builders.prepared_builder(
-      "face_verification", data_dir=data_dir, builder_kwargs={"path": name}
+        "face_verification", data_dir=data_dir, builder_kwargs={"path": name}
     )
     return _face_verification_pairs(builder, image_size)
   raise ValueError(
-    f"unknown verification set {name!r}; known: {', '.join(VERIFICATION_SETS)}, or a path to a "
-    ".bin file or an LFW pairs file (pairs.txt@image_dir)"
+      f"unknown verification set {name!r}; known: {', '.join(VERIFICATION_SETS)}, or a path to a "
+      ".bin file or an LFW pairs file (pairs.txt@image_dir)"
   )

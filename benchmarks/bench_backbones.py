@@ -32,18 +32,36 @@ from adam_face.models import MODEL_NAMES, count_macs, create_model
 
 def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES,
-                      help="models whose parameters, MACs and FLOPs are reported")
-  parser.add_argument("--timed", nargs="*", default=["tiny", "mobilefacenet", "iresnet18"],
-                      choices=MODEL_NAMES, help="models whose training throughput is measured")
+  parser.add_argument(
+      "--models",
+      nargs="+",
+      default=list(MODEL_NAMES),
+      choices=MODEL_NAMES,
+      help="models whose parameters, MACs and FLOPs are reported",
+  )
+  parser.add_argument(
+      "--timed",
+      nargs="*",
+      default=["tiny", "mobilefacenet", "iresnet18"],
+      choices=MODEL_NAMES,
+      help="models whose training throughput is measured",
+  )
   parser.add_argument("--image-size", type=int, default=112)
-  parser.add_argument("--embedding-dim", type=int, default=512,
-                      help="embedding size (Chen et al. report MobileFaceNet at 128)")
+  parser.add_argument(
+      "--embedding-dim",
+      type=int,
+      default=512,
+      help="embedding size (Chen et al. report MobileFaceNet at 128)",
+  )
   parser.add_argument("--batch-size", type=int, default=16, help="batch of the timed steps")
   parser.add_argument("--warmup-steps", type=int, default=2)
   parser.add_argument("--timed-steps", type=int, default=5)
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                      help="compute dtype of the timed steps")
+  parser.add_argument(
+      "--dtype",
+      choices=("float32", "bfloat16"),
+      default="float32",
+      help="compute dtype of the timed steps",
+  )
   parser.add_argument("--out", default="/tmp/bench_backbones.json")
   return parser.parse_args()
 
@@ -61,11 +79,13 @@ def cost(name: str, args) -> dict:
   """
   model = create_model(name, embedding_dim=args.embedding_dim)
   on_cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-  images = jax.ShapeDtypeStruct((1, args.image_size, args.image_size, 3), jnp.float32,
-                                sharding=on_cpu)
+  images = jax.ShapeDtypeStruct(
+      (1, args.image_size, args.image_size, 3), jnp.float32, sharding=on_cpu
+  )
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
   variables = jax.tree_util.tree_map(
-      lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=on_cpu), variables)
+      lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=on_cpu), variables
+  )
   forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
   analysis = forward.lower(variables, images).compile().cost_analysis()
   if isinstance(analysis, list):  # Older jax returns one dict per device.
@@ -89,9 +109,13 @@ def throughput(name: str, args) -> float:
   variables = jax.jit(lambda x: model.init(key, x, train=False))(images[:1])
 
   def loss_fn(params, batch_stats, x):
-    embeddings, updates = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                                      train=True, mutable=["batch_stats"],
-                                      rngs={"dropout": key})
+    embeddings, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        x,
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": key},
+    )
     return jnp.mean(jnp.square(embeddings)), updates["batch_stats"]
 
   step = jax.jit(jax.grad(loss_fn, has_aux=True))
@@ -114,20 +138,30 @@ def main():
   for name in args.timed:
     results[name]["train_images_per_s"] = throughput(name, args)
 
-  print(f"backend={jax.default_backend()} devices={jax.device_count()} cpus={os.cpu_count()} "
-        f"image={args.image_size} embedding={args.embedding_dim} timed: batch={args.batch_size} dtype={args.dtype} "
-        f"steps={args.timed_steps}")
-  print(f"{'model':<14}{'params (M)':>11}{'MACs (G)':>10}{'XLA:CPU FLOPs (G)':>19}"
-        f"{'FLOPs/(2 MACs)':>16}{'train img/s':>13}")
+  print(
+      f"backend={jax.default_backend()} devices={jax.device_count()} cpus={os.cpu_count()} "
+      f"image={args.image_size} embedding={args.embedding_dim} timed: batch={args.batch_size} dtype={args.dtype} "
+      f"steps={args.timed_steps}"
+  )
+  print(
+      f"{'model':<14}{'params (M)':>11}{'MACs (G)':>10}{'XLA:CPU FLOPs (G)':>19}"
+      f"{'FLOPs/(2 MACs)':>16}{'train img/s':>13}"
+  )
   for name, row in results.items():
     speed = row.get("train_images_per_s")
-    print(f"{name:<14}{row['params'] / 1e6:>11.3f}{row['macs'] / 1e9:>10.3f}"
-          f"{row['xla_flops'] / 1e9:>19.3f}{row['xla_flops'] / (2 * row['macs']):>16.3f}"
-          f"{'-' if speed is None else f'{speed:.1f}':>13}")
+    print(
+        f"{name:<14}{row['params'] / 1e6:>11.3f}{row['macs'] / 1e9:>10.3f}"
+        f"{row['xla_flops'] / 1e9:>19.3f}{row['xla_flops'] / (2 * row['macs']):>16.3f}"
+        f"{'-' if speed is None else f'{speed:.1f}':>13}"
+    )
 
   report = {
-      "settings": vars(args), "backend": jax.default_backend(), "devices": jax.device_count(),
-      "cpu_count": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__,
+      "settings": vars(args),
+      "backend": jax.default_backend(),
+      "devices": jax.device_count(),
+      "cpu_count": os.cpu_count(),
+      "machine": platform.machine(),
+      "jax": jax.__version__,
       "results": results,
   }
   with open(args.out, "w") as f:

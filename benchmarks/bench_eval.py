@@ -94,8 +94,9 @@ def run(num_pairs, dim, grid_max_pairs, seed):
   scores, distances, is_same = map(np.concatenate, (scores, distances, labels))
 
   start = time.perf_counter()
-  exact = verification_metrics.verification_metrics_from_scores(scores, is_same, folds=10,
-                                                                fars=FARS)
+  exact = verification_metrics.verification_metrics_from_scores(
+      scores, is_same, folds=10, fars=FARS
+  )
   exact_metrics_s = time.perf_counter() - start
 
   grid_pairs = min(num_pairs, grid_max_pairs)
@@ -105,53 +106,77 @@ def run(num_pairs, dim, grid_max_pairs, seed):
   if grid_pairs < num_pairs:
     # Compare numbers on the same pairs; time the exact path on all of them.
     exact_on_grid_pairs = verification_metrics.verification_metrics_from_scores(
-        scores[:grid_pairs], is_same[:grid_pairs], folds=10, fars=FARS)
+        scores[:grid_pairs], is_same[:grid_pairs], folds=10, fars=FARS
+    )
   else:
     exact_on_grid_pairs = exact
   keys = ["accuracy", "accuracy_std"] + [
-      f"tar@far={verification_metrics.far_label(f)}" for f in FARS]
+      f"tar@far={verification_metrics.far_label(f)}" for f in FARS
+  ]
   return {
-      "pairs": num_pairs, "dim": dim, "grid_pairs": grid_pairs,
-      "exact": {"score_s": exact_score_s, "metrics_s": exact_metrics_s,
-                **{key: exact_on_grid_pairs[key] for key in keys}},
-      "grid": {"score_s": grid_score_s, "metrics_s": grid_metrics_s,
-               **{key: grid[key] for key in keys}},
+      "pairs": num_pairs,
+      "dim": dim,
+      "grid_pairs": grid_pairs,
+      "exact": {
+          "score_s": exact_score_s,
+          "metrics_s": exact_metrics_s,
+          **{key: exact_on_grid_pairs[key] for key in keys},
+      },
+      "grid": {
+          "score_s": grid_score_s,
+          "metrics_s": grid_metrics_s,
+          **{key: grid[key] for key in keys},
+      },
       # Per pair, so the ratios stay meaningful when the grid scan ran on a subset.
-      "metrics_time_ratio_grid_over_exact":
-          (grid_metrics_s / grid_pairs) / (exact_metrics_s / num_pairs),
-      "total_time_ratio_grid_over_exact":
-          (grid_score_s / num_pairs + grid_metrics_s / grid_pairs)
-          / ((exact_score_s + exact_metrics_s) / num_pairs),
+      "metrics_time_ratio_grid_over_exact": (grid_metrics_s / grid_pairs)
+      / (exact_metrics_s / num_pairs),
+      "total_time_ratio_grid_over_exact": (grid_score_s / num_pairs + grid_metrics_s / grid_pairs)
+      / ((exact_score_s + exact_metrics_s) / num_pairs),
   }
 
 
 def print_table(results):
   labels = [verification_metrics.far_label(far) for far in FARS]
-  print(f"{'pairs':>8} {'method':<10} {'scores s':>9} {'metrics s':>10}  "
-        f"acc% (std) / TAR%@FAR=" + " / ".join(labels))
+  print(
+      f"{'pairs':>8} {'method':<10} {'scores s':>9} {'metrics s':>10}  "
+      f"acc% (std) / TAR%@FAR=" + " / ".join(labels)
+  )
   for result in results:
     for method in ("exact", "grid"):
       row = result[method]
       numbers = f"{100 * row['accuracy']:.2f} ({100 * row['accuracy_std']:.2f}) / " + " / ".join(
-          f"{100 * row[f'tar@far={label}']:.2f}" for label in labels)
+          f"{100 * row[f'tar@far={label}']:.2f}" for label in labels
+      )
       note = ""
       if result["grid_pairs"] < result["pairs"]:
-        note = (f"   (metrics of both on the first {result['grid_pairs']} pairs; "
-                + ("exact timed on all" if method == "exact" else "grid timed on those") + ")")
-      print(f"{result['pairs']:>8} {method:<10} {row['score_s']:>9.3f} {row['metrics_s']:>10.3f}"
-            f"  {numbers}{note}")
-    print(f"{'':>8} grid/exact time per pair: metrics "
-          f"{result['metrics_time_ratio_grid_over_exact']:.1f}x, scores+metrics "
-          f"{result['total_time_ratio_grid_over_exact']:.1f}x")
+        note = (
+            f"   (metrics of both on the first {result['grid_pairs']} pairs; "
+            + ("exact timed on all" if method == "exact" else "grid timed on those")
+            + ")"
+        )
+      print(
+          f"{result['pairs']:>8} {method:<10} {row['score_s']:>9.3f} {row['metrics_s']:>10.3f}"
+          f"  {numbers}{note}"
+      )
+    print(
+        f"{'':>8} grid/exact time per pair: metrics "
+        f"{result['metrics_time_ratio_grid_over_exact']:.1f}x, scores+metrics "
+        f"{result['total_time_ratio_grid_over_exact']:.1f}x"
+    )
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--pairs", default="6000,1000000",
-                      help="comma-separated numbers of pairs to benchmark")
+  parser.add_argument(
+      "--pairs", default="6000,1000000", help="comma-separated numbers of pairs to benchmark"
+  )
   parser.add_argument("--dim", type=int, default=512, help="embedding size")
-  parser.add_argument("--grid-max-pairs", type=int, default=1_000_000,
-                      help="run the (slow) grid scan on at most this many leading pairs")
+  parser.add_argument(
+      "--grid-max-pairs",
+      type=int,
+      default=1_000_000,
+      help="run the (slow) grid scan on at most this many leading pairs",
+  )
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="/tmp", help="folder for bench_eval.json")
   args = parser.parse_args()
@@ -161,9 +186,18 @@ def main():
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, "bench_eval.json")
   with open(path, "w") as f:
-    json.dump({"machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
-                           "numpy": np.__version__},
-               "results": results}, f, indent=2)
+    json.dump(
+        {
+            "machine": {
+                "cpu_count": os.cpu_count(),
+                "python": platform.python_version(),
+                "numpy": np.__version__,
+            },
+            "results": results,
+        },
+        f,
+        indent=2,
+    )
   print(f"wrote {path}")
 
 

@@ -70,24 +70,41 @@ def worker_jax(num_classes: int, dtype: str, num_devices: int, steps: int) -> di
   centers = classifier.init_centers(jax.random.key(0), num_classes, D, mesh)
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   emb = jax.device_put(jax.random.normal(jax.random.key(1), (B, D)), batch_sharding)
-  labels = jax.device_put(jax.random.randint(jax.random.key(2), (B,), 0, num_classes),
-                          batch_sharding)
+  labels = jax.device_put(
+      jax.random.randint(jax.random.key(2), (B,), 0, num_classes), batch_sharding
+  )
 
   def loss(w, e):
-    return classifier.margin_head_loss(w, e, labels, mesh=mesh, num_classes=num_classes,
-                                       kind="arcface", s=S, m=M, compute_dtype=compute_dtype)[0]
+    return classifier.margin_head_loss(
+        w,
+        e,
+        labels,
+        mesh=mesh,
+        num_classes=num_classes,
+        kind="arcface",
+        s=S,
+        m=M,
+        compute_dtype=compute_dtype,
+    )[0]
 
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   memory = step.lower(centers, emb).compile().memory_analysis()
   rss_before = _rss_bytes()
   seconds = _time(lambda: jax.block_until_ready(step(centers, emb)), steps)
   device_stats = jax.devices()[0].memory_stats() or {}
-  peak = (device_stats["peak_bytes_in_use"] if jax.default_backend() != "cpu"
-          else _peak_rss_bytes() - rss_before)
-  result = {"seconds": seconds, "peak_bytes": peak, "backend": jax.default_backend(),
-            "per_device_argument_bytes": memory.argument_size_in_bytes,
-            "per_device_output_bytes": memory.output_size_in_bytes,
-            "per_device_temp_bytes": memory.temp_size_in_bytes}
+  peak = (
+      device_stats["peak_bytes_in_use"]
+      if jax.default_backend() != "cpu"
+      else _peak_rss_bytes() - rss_before
+  )
+  result = {
+      "seconds": seconds,
+      "peak_bytes": peak,
+      "backend": jax.default_backend(),
+      "per_device_argument_bytes": memory.argument_size_in_bytes,
+      "per_device_output_bytes": memory.output_size_in_bytes,
+      "per_device_temp_bytes": memory.temp_size_in_bytes,
+  }
   if num_devices == 1:
     a = jax.random.normal(jax.random.key(3), (B, D), compute_dtype)
     bmat = jax.random.normal(jax.random.key(4), (D, num_classes), compute_dtype)
@@ -129,8 +146,7 @@ def worker_torch(num_classes: int, dtype: str, steps: int, device: str) -> dict:
 
   rss_before = _rss_bytes()
   seconds = _time(step, steps)
-  peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-          else _peak_rss_bytes() - rss_before)
+  peak = torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss_bytes() - rss_before
   result = {"seconds": seconds, "peak_bytes": peak, "backend": device}
   a = torch.randn(B, D, dtype=tdtype, device=device)
   bmat = torch.randn(D, num_classes, dtype=tdtype, device=device)
@@ -147,8 +163,12 @@ def worker_torch(num_classes: int, dtype: str, steps: int, device: str) -> dict:
 
 
 def _run_worker(args: list[str]) -> dict | None:
-  proc = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True,
-                        text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  proc = subprocess.run(
+      [sys.executable, __file__, "--worker", *args],
+      capture_output=True,
+      text=True,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+  )
   if proc.returncode:
     print(f"worker {args} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
     return None
@@ -165,49 +185,69 @@ def main():
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--device", default="cpu", help="PyTorch device: cpu or cuda")
-  parser.add_argument("--mesh_sizes", default="1,8",
-                      help="N of the scaling table (N > 1 uses host-CPU devices)")
+  parser.add_argument(
+      "--mesh_sizes", default="1,8", help="N of the scaling table (N > 1 uses host-CPU devices)"
+  )
   parser.add_argument("--out", default="/tmp/bench_head.json")
   parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
     impl, num_classes, dtype, num_devices, device = args.worker
-    result = (worker_jax(int(num_classes), dtype, int(num_devices), args.steps) if impl == "jax"
-              else worker_torch(int(num_classes), dtype, args.steps, device))
+    result = (
+        worker_jax(int(num_classes), dtype, int(num_devices), args.steps)
+        if impl == "jax"
+        else worker_torch(int(num_classes), dtype, args.steps, device)
+    )
     print(json.dumps(result))
     return
 
   threads = os.cpu_count()
-  print(f"head: normalised FC + ArcFace (s={S}, m={M}) + CE, fwd+bwd, B={B}, D={D}, "
-        f"{threads} CPU threads, PyTorch on {args.device}")
+  print(
+      f"head: normalised FC + ArcFace (s={S}, m={M}) + CE, fwd+bwd, B={B}, D={D}, "
+      f"{threads} CPU threads, PyTorch on {args.device}"
+  )
   rows = []
-  header = (f"{'C':>8} {'dtype':>9} | {'adam_face s':>11} {'torch s':>9} {'speed-up':>8} | "
-            f"{'jax MB':>8} {'torch MB':>8} | {'jax %peak':>9} {'torch %peak':>11}")
+  header = (
+      f"{'C':>8} {'dtype':>9} | {'adam_face s':>11} {'torch s':>9} {'speed-up':>8} | "
+      f"{'jax MB':>8} {'torch MB':>8} | {'jax %peak':>9} {'torch %peak':>11}"
+  )
   print(header)
   print("-" * len(header))
   for num_classes in (int(c) for c in args.classes.split(",")):
     flops = 6 * B * D * num_classes
     for dtype in args.dtypes.split(","):
       jax_r = _run_worker(["jax", str(num_classes), dtype, "1", args.device])
-      torch_r = (_run_worker(["torch", str(num_classes), dtype, "1", args.device])
-                 if _torch_available() else None)
+      torch_r = (
+          _run_worker(["torch", str(num_classes), dtype, "1", args.device])
+          if _torch_available()
+          else None
+      )
       if jax_r is None:
         continue
-      row = {"num_classes": num_classes, "dtype": dtype, "flops": flops, "adam_face": jax_r,
-             "torch": torch_r}
+      row = {
+          "num_classes": num_classes,
+          "dtype": dtype,
+          "flops": flops,
+          "adam_face": jax_r,
+          "torch": torch_r,
+      }
       rows.append(row)
       pct = lambda r: 100 * r["matmul_seconds"] / r["seconds"]  # noqa: E731
       t = torch_r or {}
-      print(f"{num_classes:>8} {dtype:>9} | {jax_r['seconds']:>11.4f} "
-            f"{t.get('seconds', float('nan')):>9.4f} "
-            f"{t.get('seconds', float('nan')) / jax_r['seconds']:>7.2f}x | "
-            f"{jax_r['peak_bytes'] / 2**20:>8.0f} "
-            f"{t.get('peak_bytes', float('nan')) / 2**20:>8.0f} | "
-            f"{pct(jax_r):>8.1f}% {pct(t) if t else float('nan'):>10.1f}%")
+      print(
+          f"{num_classes:>8} {dtype:>9} | {jax_r['seconds']:>11.4f} "
+          f"{t.get('seconds', float('nan')):>9.4f} "
+          f"{t.get('seconds', float('nan')) / jax_r['seconds']:>7.2f}x | "
+          f"{jax_r['peak_bytes'] / 2**20:>8.0f} "
+          f"{t.get('peak_bytes', float('nan')) / 2**20:>8.0f} | "
+          f"{pct(jax_r):>8.1f}% {pct(t) if t else float('nan'):>10.1f}%"
+      )
 
   print("\nclass-sharded head (float32): N host devices; per-device bytes from the compiled step")
-  header = (f"{'C':>8} {'N':>3} | {'step s':>8} | {'args MB/dev':>11} {'temp MB/dev':>11} "
-            f"{'W MB total':>10}")
+  header = (
+      f"{'C':>8} {'N':>3} | {'step s':>8} | {'args MB/dev':>11} {'temp MB/dev':>11} "
+      f"{'W MB total':>10}"
+  )
   print(header)
   print("-" * len(header))
   scaling = []
@@ -217,12 +257,15 @@ def main():
       if r is None:
         continue
       scaling.append({"num_classes": num_classes, "num_devices": n, **r})
-      print(f"{num_classes:>8} {n:>3} | {r['seconds']:>8.4f} | "
-            f"{r['per_device_argument_bytes'] / 2**20:>11.2f} "
-            f"{r['per_device_temp_bytes'] / 2**20:>11.2f} {num_classes * D * 4 / 2**20:>10.1f}")
+      print(
+          f"{num_classes:>8} {n:>3} | {r['seconds']:>8.4f} | "
+          f"{r['per_device_argument_bytes'] / 2**20:>11.2f} "
+          f"{r['per_device_temp_bytes'] / 2**20:>11.2f} {num_classes * D * 4 / 2**20:>10.1f}"
+      )
   with open(args.out, "w") as f:
-    json.dump({"batch": B, "dim": D, "threads": threads, "rows": rows, "scaling": scaling}, f,
-              indent=2)
+    json.dump(
+        {"batch": B, "dim": D, "threads": threads, "rows": rows, "scaling": scaling}, f, indent=2
+    )
   print(f"\nwrote {args.out}")
 
 

@@ -67,35 +67,70 @@ DEFAULT_EMBEDDING_OTHER = 512
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--models", default="tiny,mobilefacenet",
-                      help="comma-separated adam_face model names (tiny, iresnet*, mobilefacenet)")
-  parser.add_argument("--batch_size", type=int, default=None,
-                      help=f"global batch of every model (default: {DEFAULT_BATCH}, others "
-                      f"{DEFAULT_BATCH_OTHER})")
-  parser.add_argument("--embedding_dim", type=int, default=None,
-                      help=f"default: {DEFAULT_EMBEDDING}, others {DEFAULT_EMBEDDING_OTHER}")
+  parser.add_argument(
+      "--models",
+      default="tiny,mobilefacenet",
+      help="comma-separated adam_face model names (tiny, iresnet*, mobilefacenet)",
+  )
+  parser.add_argument(
+      "--batch_size",
+      type=int,
+      default=None,
+      help=f"global batch of every model (default: {DEFAULT_BATCH}, others "
+      f"{DEFAULT_BATCH_OTHER})",
+  )
+  parser.add_argument(
+      "--embedding_dim",
+      type=int,
+      default=None,
+      help=f"default: {DEFAULT_EMBEDDING}, others {DEFAULT_EMBEDDING_OTHER}",
+  )
   parser.add_argument("--image_size", type=int, default=112)
   parser.add_argument("--num_classes", type=int, default=1000)
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                      help="adam_face compute_dtype; PyTorch autocast to bfloat16")
+  parser.add_argument(
+      "--dtype",
+      choices=("float32", "bfloat16"),
+      default="float32",
+      help="adam_face compute_dtype; PyTorch autocast to bfloat16",
+  )
   parser.add_argument("--device", default="cpu", help="PyTorch device: cpu or cuda")
-  parser.add_argument("--warmup_steps", type=int, default=2,
-                      help="untimed steps per side (after adam_face's compilation)")
+  parser.add_argument(
+      "--warmup_steps",
+      type=int,
+      default=2,
+      help="untimed steps per side (after adam_face's compilation)",
+  )
   parser.add_argument("--steps_per_round", type=int, default=2)
   parser.add_argument("--rounds", type=int, default=3)
-  parser.add_argument("--torch_memory_format", choices=("best", "contiguous", "channels_last"),
-                      default="best", help="best: time both after the warm-up, keep the faster")
-  parser.add_argument("--torch_omp_wait_policy", choices=("best", "default", "passive"),
-                      default="best",
-                      help="OpenMP wait policy of PyTorch's CPU threads (default: as the "
-                      "environment sets it; passive: OMP_WAIT_POLICY=PASSIVE); best: time both")
-  parser.add_argument("--torch_compile", action="store_true",
-                      help="torch.compile the PyTorch forward+loss (slow to compile on a CPU)")
-  parser.add_argument("--breakdown", action="store_true",
-                      help="also time forward-only and forward+backward (no update) on both sides")
-  parser.add_argument("--quick", action="store_true",
-                      help="smoke test: batch 8, 1 warm-up step, 1 round of 1 step, PyTorch "
-                      "contiguous with a passive OpenMP wait policy only")
+  parser.add_argument(
+      "--torch_memory_format",
+      choices=("best", "contiguous", "channels_last"),
+      default="best",
+      help="best: time both after the warm-up, keep the faster",
+  )
+  parser.add_argument(
+      "--torch_omp_wait_policy",
+      choices=("best", "default", "passive"),
+      default="best",
+      help="OpenMP wait policy of PyTorch's CPU threads (default: as the "
+      "environment sets it; passive: OMP_WAIT_POLICY=PASSIVE); best: time both",
+  )
+  parser.add_argument(
+      "--torch_compile",
+      action="store_true",
+      help="torch.compile the PyTorch forward+loss (slow to compile on a CPU)",
+  )
+  parser.add_argument(
+      "--breakdown",
+      action="store_true",
+      help="also time forward-only and forward+backward (no update) on both sides",
+  )
+  parser.add_argument(
+      "--quick",
+      action="store_true",
+      help="smoke test: batch 8, 1 warm-up step, 1 round of 1 step, PyTorch "
+      "contiguous with a passive OpenMP wait policy only",
+  )
   parser.add_argument("--out", default="/tmp/bench_train_step.json")
   args = parser.parse_args(argv)
   if args.quick:
@@ -115,8 +150,9 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------ adam_face side
 
 
-def train_config(model_name: str, *, batch_size: int, embedding_dim: int, image_size: int,
-                 dtype: str) -> ml_collections.ConfigDict:
+def train_config(
+    model_name: str, *, batch_size: int, embedding_dim: int, image_size: int, dtype: str
+) -> ml_collections.ConfigDict:
   """configs/default.py (SGD 0.9, wd 5e-4, clip 5, ArcFace s=64 m=0.5) with the given sizes."""
   config = default.get_config()
   config.model.name = model_name
@@ -134,31 +170,47 @@ def count_params(tree) -> int:
 class AdamFaceStep:
   """The jitted train step of adam_face/train.py on one fixed random batch already on device."""
 
-  def __init__(self, config: ml_collections.ConfigDict, num_classes: int,
-               total_steps: int = 10_000):
+  def __init__(
+      self, config: ml_collections.ConfigDict, num_classes: int, total_steps: int = 10_000
+  ):
     self.batch_size = config.global_batch_size
     self.mesh = classifier.create_mesh()
-    self.model = models.create_model(config.model.name, embedding_dim=config.model.embedding_dim,
-                                     dtype=jnp.dtype(config.compute_dtype),
-                                     dropout_rate=config.model.dropout_rate)
+    self.model = models.create_model(
+        config.model.name,
+        embedding_dim=config.model.embedding_dim,
+        dtype=jnp.dtype(config.compute_dtype),
+        dropout_rate=config.model.dropout_rate,
+    )
     learning_rate_fn = ts.create_learning_rate_fn(config, total_steps)
     tx = ts.create_optimizer(config, learning_rate_fn)
-    self.state, state_shardings = ts.create_train_state(config, self.model, self.mesh,
-                                                        (num_classes,), tx)
+    self.state, state_shardings = ts.create_train_state(
+        config, self.model, self.mesh, (num_classes,), tx
+    )
     self.batch_sharding = batch_sharding = NamedSharding(self.mesh, P(classifier.MESH_AXIS))
     self.step_fn = jax.jit(
-        functools.partial(ts.train_step, model=self.model, tx=tx,
-                          learning_rate_fn=learning_rate_fn, mesh=self.mesh,
-                          num_classes=(num_classes,), config=config),
-        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-        donate_argnums=0)
+        functools.partial(
+            ts.train_step,
+            model=self.model,
+            tx=tx,
+            learning_rate_fn=learning_rate_fn,
+            mesh=self.mesh,
+            num_classes=(num_classes,),
+            config=config,
+        ),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    )
     size = config.dataset.image_size
     rng = np.random.default_rng(0)
     self.batch = {
-        "image": jax.device_put(rng.uniform(-1.0, 1.0, (self.batch_size, size, size, 3))
-                                .astype(np.float32), batch_sharding),
-        "label": jax.device_put(rng.integers(0, num_classes, self.batch_size, dtype=np.int32),
-                                batch_sharding),
+        "image": jax.device_put(
+            rng.uniform(-1.0, 1.0, (self.batch_size, size, size, 3)).astype(np.float32),
+            batch_sharding,
+        ),
+        "label": jax.device_put(
+            rng.integers(0, num_classes, self.batch_size, dtype=np.int32), batch_sharding
+        ),
     }
     backbone = count_params(self.state.params["backbone"])
     self.num_params = backbone + num_classes * config.model.embedding_dim  # Without class padding.
@@ -181,8 +233,10 @@ class AdamFaceStep:
     for _ in range(steps):
       batch = self.batch
       if host_batches is not None:
-        batch = {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-                 for k, v in next(host_batches).items()}
+        batch = {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in next(host_batches).items()
+        }
       self.state, metrics = self.step_fn(self.state, batch)
     jax.block_until_ready((self.state, metrics))
     return time.perf_counter() - start
@@ -193,8 +247,9 @@ class AdamFaceStep:
     key = jax.random.key(0)
 
     def forward(variables, images):
-      return self.model.apply(variables, images, train=True, mutable=["batch_stats"],
-                              rngs={"dropout": key})[0]
+      return self.model.apply(
+          variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": key}
+      )[0]
 
     def loss(params, batch_stats, images):
       return jnp.mean(jnp.square(forward({"params": params, "batch_stats": batch_stats}, images)))
@@ -203,9 +258,13 @@ class AdamFaceStep:
     fwd_bwd = jax.jit(jax.grad(loss))
     images = self.batch["image"]
     rates = {}
-    for name, fn in (("forward", lambda: fwd(variables, images)),
-                     ("forward_backward",
-                      lambda: fwd_bwd(variables["params"], variables["batch_stats"], images))):
+    for name, fn in (
+        ("forward", lambda: fwd(variables, images)),
+        (
+            "forward_backward",
+            lambda: fwd_bwd(variables["params"], variables["batch_stats"], images),
+        ),
+    ):
       jax.block_until_ready(fn())
       start = time.perf_counter()
       for _ in range(steps):
@@ -237,8 +296,9 @@ def _torch_reference():
       self.bn3 = nn.BatchNorm2d(planes, eps=1e-5)
       self.downsample = None
       if stride != 1 or inplanes != planes:
-        self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
-                                        nn.BatchNorm2d(planes, eps=1e-5))
+        self.downsample = nn.Sequential(
+            nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes, eps=1e-5)
+        )
 
     def forward(self, x):
       y = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
@@ -259,11 +319,13 @@ def _torch_reference():
         return self.features(self.fc(torch.flatten(x, 1).float()))
 
   class IResNet(nn.Module):
+
     def __init__(self, stage_depths, stage_widths, embedding_dim, image_size):
       super().__init__()
       width = stage_widths[0]
-      self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False),
-                                nn.BatchNorm2d(width, eps=1e-5), nn.PReLU(width))
+      self.stem = nn.Sequential(
+          nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width, eps=1e-5), nn.PReLU(width)
+      )
       units = []
       for depth, planes in zip(stage_depths, stage_widths):
         for unit in range(depth):
@@ -281,8 +343,10 @@ def _torch_reference():
 
   def conv_block(cin, cout, kernel, stride, padding, groups, prelu):
     """mobilefacenet.py's ConvBlock (conv-BN-PReLU) or, without PReLU, its LinearBlock."""
-    layers = [nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False),
-              nn.BatchNorm2d(cout)]
+    layers = [
+        nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
     return nn.Sequential(*layers, *([nn.PReLU(cout)] if prelu else []))
 
   class DepthWise(nn.Module):
@@ -291,9 +355,11 @@ def _torch_reference():
     def __init__(self, cin, cout, expansion, stride):
       super().__init__()
       hidden = cin * expansion
-      self.layers = nn.Sequential(conv_block(cin, hidden, 1, 1, 0, 1, True),
-                                  conv_block(hidden, hidden, 3, stride, 1, hidden, True),
-                                  conv_block(hidden, cout, 1, 1, 0, 1, False))
+      self.layers = nn.Sequential(
+          conv_block(cin, hidden, 1, 1, 0, 1, True),
+          conv_block(hidden, hidden, 3, stride, 1, hidden, True),
+          conv_block(hidden, cout, 1, 1, 0, 1, False),
+      )
       self.residual = stride == 1 and cin == cout
 
     def forward(self, x):
@@ -301,6 +367,7 @@ def _torch_reference():
       return x + y if self.residual else y
 
   class MobileFaceNet(nn.Module):
+
     def __init__(self, embedding_dim, image_size):
       super().__init__()
       layers = [conv_block(3, 64, 3, 2, 1, 1, True), conv_block(64, 64, 3, 1, 1, 64, True)]
@@ -312,8 +379,10 @@ def _torch_reference():
       side = image_size
       for _ in range(4):  # The stem and three bottleneck groups halve the map, rounding up.
         side = (side + 1) // 2
-      layers += [conv_block(cin, 512, 1, 1, 0, 1, True),
-                 conv_block(512, 512, side, 1, 0, 512, False)]  # Global depthwise conv.
+      layers += [
+          conv_block(cin, 512, 1, 1, 0, 1, True),
+          conv_block(512, 512, side, 1, 0, 512, False),
+      ]  # Global depthwise conv.
       self.body = nn.Sequential(*layers)
       self.head = EmbeddingHead(512, embedding_dim, bias=False)
 
@@ -336,8 +405,9 @@ def _torch_reference():
       rows = torch.arange(labels.shape[0], device=labels.device)
       target = logits[rows, labels]
       sin_theta = torch.sqrt((1.0 - target * target).clamp_min(1e-6))
-      final = torch.where(target > self.theta, target * self.cos_m - sin_theta * self.sin_m,
-                          target - self.sinmm)
+      final = torch.where(
+          target > self.theta, target * self.cos_m - sin_theta * self.sin_m, target - self.sinmm
+      )
       logits = logits.index_put((rows, labels), final)
       return F.cross_entropy(logits * ARCFACE_S, labels)
 
@@ -347,8 +417,19 @@ def _torch_reference():
 class TorchStep:
   """arcface_torch's train step (SGD over backbone and head, backbone gradient clipped at 5)."""
 
-  def __init__(self, layout: dict, *, embedding_dim: int, num_classes: int, batch_size: int,
-               image_size: int, dtype: str, device: str, memory_format: str, compile_: bool):
+  def __init__(
+      self,
+      layout: dict,
+      *,
+      embedding_dim: int,
+      num_classes: int,
+      batch_size: int,
+      image_size: int,
+      dtype: str,
+      device: str,
+      memory_format: str,
+      compile_: bool,
+  ):
     torch, IResNet, TorchMobileFaceNet, ArcFaceHead = _torch_reference()
     self.torch = torch
     torch.manual_seed(0)
@@ -361,13 +442,17 @@ class TorchStep:
       backbone = TorchMobileFaceNet(embedding_dim, image_size)
     else:
       backbone = IResNet(layout["stage_depths"], layout["stage_widths"], embedding_dim, image_size)
-    self.memory_format = getattr(torch, "channels_last" if memory_format == "channels_last"
-                                 else "contiguous_format")
+    self.memory_format = getattr(
+        torch, "channels_last" if memory_format == "channels_last" else "contiguous_format"
+    )
     self.backbone = backbone.to(self.device, memory_format=self.memory_format)
     self.head = ArcFaceHead(embedding_dim, num_classes).to(self.device)
     self.optimizer = torch.optim.SGD(
         [{"params": self.backbone.parameters()}, {"params": self.head.parameters()}],
-        lr=0.1, momentum=0.9, weight_decay=5e-4)
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=5e-4,
+    )
     self.autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
     self.batch_size = batch_size
     generator = torch.Generator().manual_seed(0)
@@ -380,8 +465,9 @@ class TorchStep:
     self.num_params = self.num_backbone_params + trainable(self.head)
 
   def _autocast(self):
-    return self.torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                               enabled=self.autocast_dtype is not None)
+    return self.torch.autocast(
+        self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+    )
 
   def _loss(self, images, labels):
     with self._autocast():
@@ -435,8 +521,11 @@ def torch_layout(flax_model) -> dict:
   """What the PyTorch reference needs to rebuild the adam_face backbone's layout."""
   if isinstance(flax_model, MobileFaceNet):
     return {"kind": "mobilefacenet"}
-  return {"kind": "iresnet", "stage_depths": list(flax_model.stage_depths),
-          "stage_widths": list(flax_model.stage_widths)}
+  return {
+      "kind": "iresnet",
+      "stage_depths": list(flax_model.stage_depths),
+      "stage_widths": list(flax_model.stage_widths),
+  }
 
 
 def _torch_worker(conn, layout: dict, options: dict) -> None:
@@ -463,8 +552,9 @@ class TorchProcess:
   def __init__(self, layout: dict, *, env: dict[str, str], **options):
     context = multiprocessing.get_context("spawn")  # Not forked: this process has JAX threads.
     self._conn, child_conn = context.Pipe()
-    self._process = context.Process(target=_torch_worker, args=(child_conn, layout, options),
-                                    daemon=True)
+    self._process = context.Process(
+        target=_torch_worker, args=(child_conn, layout, options), daemon=True
+    )
     saved = dict(os.environ)
     os.environ.update(env)  # The spawned child starts with this process's environment.
     try:
@@ -509,8 +599,11 @@ def fastest_torch_process(layout: dict, args, *, embedding_dim: int, batch_size:
     (TorchProcess, name of the chosen setting, {setting: img/s, or why it failed}); the first
     two are None when PyTorch failed in every setting.
   """
-  formats = (["contiguous", "channels_last"] if args.torch_memory_format == "best"
-             else [args.torch_memory_format])
+  formats = (
+      ["contiguous", "channels_last"]
+      if args.torch_memory_format == "best"
+      else [args.torch_memory_format]
+  )
   policies = [args.torch_omp_wait_policy]
   if args.torch_omp_wait_policy == "best":
     policies = ["default", "passive"] if args.device == "cpu" else ["default"]
@@ -520,10 +613,17 @@ def fastest_torch_process(layout: dict, args, *, embedding_dim: int, batch_size:
     setting = f"{memory_format}/omp_{policy}"
     try:
       process = TorchProcess(
-          layout, env={"OMP_WAIT_POLICY": "PASSIVE"} if policy == "passive" else {},
-          embedding_dim=embedding_dim, num_classes=args.num_classes, batch_size=batch_size,
-          image_size=args.image_size, dtype=args.dtype, device=args.device,
-          memory_format=memory_format, compile_=args.torch_compile)
+          layout,
+          env={"OMP_WAIT_POLICY": "PASSIVE"} if policy == "passive" else {},
+          embedding_dim=embedding_dim,
+          num_classes=args.num_classes,
+          batch_size=batch_size,
+          image_size=args.image_size,
+          dtype=args.dtype,
+          device=args.device,
+          memory_format=memory_format,
+          compile_=args.torch_compile,
+      )
       process.run(args.warmup_steps)
       trials[setting] = batch_size / process.run(1)
       candidates[setting] = (process, policy)
@@ -550,22 +650,35 @@ def fastest_torch_process(layout: dict, args, *, embedding_dim: int, batch_size:
 def benchmark_model(name: str, args) -> dict:
   batch_size = args.batch_size or DEFAULT_BATCH.get(name, DEFAULT_BATCH_OTHER)
   embedding_dim = args.embedding_dim or DEFAULT_EMBEDDING.get(name, DEFAULT_EMBEDDING_OTHER)
-  config = train_config(name, batch_size=batch_size, embedding_dim=embedding_dim,
-                        image_size=args.image_size, dtype=args.dtype)
+  config = train_config(
+      name,
+      batch_size=batch_size,
+      embedding_dim=embedding_dim,
+      image_size=args.image_size,
+      dtype=args.dtype,
+  )
   jax_step = AdamFaceStep(config, args.num_classes)
-  row = {"model": name, "batch_size": batch_size, "embedding_dim": embedding_dim,
-         "params": jax_step.num_params, "backbone_params": jax_step.num_backbone_params,
-         "adam_face_compile_seconds": jax_step.compile()}
+  row = {
+      "model": name,
+      "batch_size": batch_size,
+      "embedding_dim": embedding_dim,
+      "params": jax_step.num_params,
+      "backbone_params": jax_step.num_backbone_params,
+      "adam_face_compile_seconds": jax_step.compile(),
+  }
   jax_step.run(args.warmup_steps)
   torch_step, row["torch_setting"], row["torch_setting_trials"] = fastest_torch_process(
-      torch_layout(jax_step.model), args, embedding_dim=embedding_dim, batch_size=batch_size)
+      torch_layout(jax_step.model), args, embedding_dim=embedding_dim, batch_size=batch_size
+  )
   sides = {"adam_face": jax_step}
   if torch_step is not None:
     sides["torch"] = torch_step
   try:
     if torch_step is not None and torch_step.num_params != jax_step.num_params:
-      raise RuntimeError(f"{name}: adam_face has {jax_step.num_params} trainable parameters, the "
-                         f"PyTorch reference {torch_step.num_params}; the layouts differ.")
+      raise RuntimeError(
+          f"{name}: adam_face has {jax_step.num_params} trainable parameters, the "
+          f"PyTorch reference {torch_step.num_params}; the layouts differ."
+      )
     rates = {side: [] for side in sides}
     for _ in range(args.rounds):
       for side, step in sides.items():
@@ -579,8 +692,11 @@ def benchmark_model(name: str, args) -> dict:
     if torch_step is not None:
       torch_step.close()
   row.setdefault("torch_images_per_s", None)
-  row["ratio"] = (row["adam_face_images_per_s"] / row["torch_images_per_s"]
-                  if row["torch_images_per_s"] else None)
+  row["ratio"] = (
+      row["adam_face_images_per_s"] / row["torch_images_per_s"]
+      if row["torch_images_per_s"]
+      else None
+  )
   return row
 
 
@@ -591,54 +707,82 @@ def main(argv=None):
   import torch  # Fails early, before any compilation, when PyTorch is missing.
 
   load_before = os.getloadavg()[0]
-  print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device(s)), "
-        f"torch {torch.__version__} ({args.device}), {os.cpu_count()} CPU threads, "
-        f"load average {load_before:.1f}; dtype={args.dtype}, classes={args.num_classes}, "
-        f"image={args.image_size}, ArcFace s={ARCFACE_S} m={ARCFACE_M}, SGD 0.9 wd 5e-4 clip 5; "
-        f"median of {args.rounds} round(s) of {args.steps_per_round} step(s) after "
-        f"{args.warmup_steps} warm-up", flush=True)
+  print(
+      f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device(s)), "
+      f"torch {torch.__version__} ({args.device}), {os.cpu_count()} CPU threads, "
+      f"load average {load_before:.1f}; dtype={args.dtype}, classes={args.num_classes}, "
+      f"image={args.image_size}, ArcFace s={ARCFACE_S} m={ARCFACE_M}, SGD 0.9 wd 5e-4 clip 5; "
+      f"median of {args.rounds} round(s) of {args.steps_per_round} step(s) after "
+      f"{args.warmup_steps} warm-up",
+      flush=True,
+  )
   rows = []
   for name in args.models:
     row = benchmark_model(name, args)
     rows.append(row)
-    trials = ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k}: {v}"
-                       for k, v in row["torch_setting_trials"].items())
+    trials = ", ".join(
+        f"{k} {v:.1f}" if isinstance(v, float) else f"{k}: {v}"
+        for k, v in row["torch_setting_trials"].items()
+    )
     sides = "both sides" if row["torch_setting"] else "adam_face"
-    print(f"  {name}: {row['params']:,} trainable parameters on {sides} "
-          f"({row['backbone_params']:,} in the backbone); adam_face compiled in "
-          f"{row['adam_face_compile_seconds']:.1f} s; torch {row['torch_setting'] or 'failed'} "
-          f"(img/s after warm-up: {trials})", flush=True)
+    print(
+        f"  {name}: {row['params']:,} trainable parameters on {sides} "
+        f"({row['backbone_params']:,} in the backbone); adam_face compiled in "
+        f"{row['adam_face_compile_seconds']:.1f} s; torch {row['torch_setting'] or 'failed'} "
+        f"(img/s after warm-up: {trials})",
+        flush=True,
+    )
   load_after = os.getloadavg()[0]
 
-  header = (f"{'model':<14}{'batch':>6}{'emb':>5}{'params (M)':>11}{'adam_face img/s':>16}"
-            f"{'torch img/s':>12}{'ratio':>7}")
+  header = (
+      f"{'model':<14}{'batch':>6}{'emb':>5}{'params (M)':>11}{'adam_face img/s':>16}"
+      f"{'torch img/s':>12}{'ratio':>7}"
+  )
   print(header)
   print("-" * len(header))
   for row in rows:
     torch_rate = "failed" if row["ratio"] is None else f"{row['torch_images_per_s']:.1f}"
     ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
-    print(f"{row['model']:<14}{row['batch_size']:>6}{row['embedding_dim']:>5}"
-          f"{row['params'] / 1e6:>11.3f}{row['adam_face_images_per_s']:>16.1f}"
-          f"{torch_rate:>12}{ratio:>7}")
-  print(f"ratio = adam_face / torch (> 1: adam_face faster); load average {load_after:.1f} at "
-        "the end" + (" (the CPU was shared: treat the rates as noisy)"
-                     if max(load_before, load_after) > 1.5 * os.cpu_count() else ""))
+    print(
+        f"{row['model']:<14}{row['batch_size']:>6}{row['embedding_dim']:>5}"
+        f"{row['params'] / 1e6:>11.3f}{row['adam_face_images_per_s']:>16.1f}"
+        f"{torch_rate:>12}{ratio:>7}"
+    )
+  print(
+      f"ratio = adam_face / torch (> 1: adam_face faster); load average {load_after:.1f} at "
+      "the end"
+      + (
+          " (the CPU was shared: treat the rates as noisy)"
+          if max(load_before, load_after) > 1.5 * os.cpu_count()
+          else ""
+      )
+  )
   if args.breakdown:
-    print(f"\n{'model':<14}{'side':<10}{'fwd img/s':>10}{'fwd+bwd img/s':>14}"
-          f"{'full step img/s':>16}")
+    print(
+        f"\n{'model':<14}{'side':<10}{'fwd img/s':>10}{'fwd+bwd img/s':>14}"
+        f"{'full step img/s':>16}"
+    )
     for row in rows:
       for side in ("adam_face", "torch"):
         if f"{side}_breakdown" not in row:
           continue
         b = row[f"{side}_breakdown"]
-        print(f"{row['model']:<14}{side:<10}{b['forward']:>10.1f}{b['forward_backward']:>14.1f}"
-              f"{row[f'{side}_images_per_s']:>16.1f}")
+        print(
+            f"{row['model']:<14}{side:<10}{b['forward']:>10.1f}{b['forward_backward']:>14.1f}"
+            f"{row[f'{side}_images_per_s']:>16.1f}"
+        )
 
   report = {
-      "settings": vars(args), "jax": jax.__version__, "backend": jax.default_backend(),
-      "devices": jax.device_count(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-      "machine": platform.machine(), "processor": platform.processor(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_average": [load_before, load_after],
+      "settings": vars(args),
+      "jax": jax.__version__,
+      "backend": jax.default_backend(),
+      "devices": jax.device_count(),
+      "torch": torch.__version__,
+      "cpu_count": os.cpu_count(),
+      "machine": platform.machine(),
+      "processor": platform.processor(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "load_average": [load_before, load_after],
       "rows": rows,
   }
   with open(args.out, "w") as f:

@@ -33,9 +33,15 @@ import numpy as np
 # accelerator.
 PRESETS = {
     "cpu": {},
-    "gpu": {"dataset.image_size": 112, "model.name": "iresnet50", "model.embedding_dim": 512,
-            "global_batch_size": 512, "num_train_steps": 3_000, "compute_dtype": "bfloat16",
-            "verification.eval_every_steps": 1_000},
+    "gpu": {
+        "dataset.image_size": 112,
+        "model.name": "iresnet50",
+        "model.embedding_dim": 512,
+        "global_batch_size": 512,
+        "num_train_steps": 3_000,
+        "compute_dtype": "bfloat16",
+        "verification.eval_every_steps": 1_000,
+    },
 }
 
 
@@ -68,10 +74,17 @@ def train_row(row, seed, overrides, workdir):
   seconds = time.perf_counter() - start
   (dev,) = results["metrics"].values()
   log = report.read_train_log(os.path.join(workdir, "train_log.jsonl"))
-  return {"row": row, "seed": seed, "accuracy": dev["accuracy"],
-          "tar@far=1e-1": dev["tar@far=1e-1"], "tar@far=1e-2": dev["tar@far=1e-2"],
-          "auc": dev["auc"], "final_margin": log[-1].get("margin", float("nan")),
-          "final_acc_margin": log[-1]["acc_margin"], "seconds": seconds}
+  return {
+      "row": row,
+      "seed": seed,
+      "accuracy": dev["accuracy"],
+      "tar@far=1e-1": dev["tar@far=1e-1"],
+      "tar@far=1e-2": dev["tar@far=1e-2"],
+      "auc": dev["auc"],
+      "final_margin": log[-1].get("margin", float("nan")),
+      "final_acc_margin": log[-1]["acc_margin"],
+      "seconds": seconds,
+  }
 
 
 def untrained_row(seed, overrides):
@@ -83,19 +96,29 @@ def untrained_row(seed, overrides):
   model = models.create_model(config.model.name, embedding_dim=config.model.embedding_dim)
   state, _ = train_step.create_train_state(config, model, mesh, (4,), 1)
   sets = train.load_verification_sets(config)
-  result = verification.Evaluator(sets, batch_size=config.verification.batch_size, mesh=mesh,
-                                  flip=config.verification.flip)(train_step.embed_fn_for(state))
+  result = verification.Evaluator(
+      sets, batch_size=config.verification.batch_size, mesh=mesh, flip=config.verification.flip
+  )(train_step.embed_fn_for(state))
   (dev,) = result.metrics.values()
-  return {"row": "untrained", "seed": seed, "accuracy": dev["accuracy"],
-          "tar@far=1e-1": dev["tar@far=1e-1"], "tar@far=1e-2": dev["tar@far=1e-2"],
-          "auc": dev["auc"], "final_margin": float("nan"), "final_acc_margin": float("nan"),
-          "seconds": 0.0}
+  return {
+      "row": "untrained",
+      "seed": seed,
+      "accuracy": dev["accuracy"],
+      "tar@far=1e-1": dev["tar@far=1e-1"],
+      "tar@far=1e-2": dev["tar@far=1e-2"],
+      "auc": dev["auc"],
+      "final_margin": float("nan"),
+      "final_acc_margin": float("nan"),
+      "seconds": 0.0,
+  }
 
 
 def summarise(runs, rows):
   """Markdown table: mean +- std over seeds of each row's figures."""
-  lines = ["| row | accuracy % | TAR@FAR=1e-1 % | TAR@FAR=1e-2 % | AUC | final m | s / run |",
-           "|---|---|---|---|---|---|---|"]
+  lines = [
+      "| row | accuracy % | TAR@FAR=1e-1 % | TAR@FAR=1e-2 % | AUC | final m | s / run |",
+      "|---|---|---|---|---|---|---|",
+  ]
   for row in rows:
     mine = [r for r in runs if r["row"] == row]
     if not mine:
@@ -108,17 +131,21 @@ def summarise(runs, rows):
       std = values.std(ddof=1) if len(values) > 1 else 0.0
       return f"{values.mean():.{digits}f} ± {std:.{digits}f}"
 
-    lines.append(f"| {row} | {stat('accuracy')} | {stat('tar@far=1e-1')} | "
-                 f"{stat('tar@far=1e-2')} | {stat('auc', 1.0, 4)} | "
-                 f"{stat('final_margin', 1.0, 3)} | {stat('seconds', 1.0, 0)} |")
+    lines.append(
+        f"| {row} | {stat('accuracy')} | {stat('tar@far=1e-1')} | "
+        f"{stat('tar@far=1e-2')} | {stat('auc', 1.0, 4)} | "
+        f"{stat('final_margin', 1.0, 3)} | {stat('seconds', 1.0, 0)} |"
+    )
   return "\n".join(lines)
 
 
 def machine():
   try:
-    cpu = next(line.split(":", 1)[1].strip() for line in
-               subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-               if line.startswith("Model name"))
+    cpu = next(
+        line.split(":", 1)[1].strip()
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+        if line.startswith("Model name")
+    )
   except (OSError, StopIteration):
     cpu = platform.processor()
   return f"{cpu}, {os.cpu_count()} cores, JAX {jax.__version__} on {jax.devices()[0].platform}"
@@ -128,8 +155,11 @@ def main():
   from configs import lfw_dev  # pylint: disable=g-import-not-at-top
 
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--rows", default=",".join(lfw_dev.ROWS),
-                      help=f"comma-separated rows of configs/lfw_dev.py ({', '.join(lfw_dev.ROWS)})")
+  parser.add_argument(
+      "--rows",
+      default=",".join(lfw_dev.ROWS),
+      help=f"comma-separated rows of configs/lfw_dev.py ({', '.join(lfw_dev.ROWS)})",
+  )
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
   parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
@@ -142,8 +172,10 @@ def main():
   if unknown:
     parser.error(f"unknown rows {unknown}; rows: {', '.join(lfw_dev.ROWS)}")
   if not (lfw_dev.LFW_DEV_DIR / "dev.bin").exists():
-    parser.error(f"{lfw_dev.LFW_DEV_DIR}/dev.bin not found: put the lfw_dev data at "
-                 "../shared/data/lfw_dev beside the checkout or set $ADAM_FACE_LFW_DEV_DIR.")
+    parser.error(
+        f"{lfw_dev.LFW_DEV_DIR}/dev.bin not found: put the lfw_dev data at "
+        "../shared/data/lfw_dev beside the checkout or set $ADAM_FACE_LFW_DEV_DIR."
+    )
   seeds = [int(s) for s in args.seeds.split(",")]
   overrides = dict(PRESETS[args.preset])
   if args.steps:
@@ -160,8 +192,10 @@ def main():
       runs.append(train_row(row, seed, overrides, workdir))
       print(json.dumps(runs[-1]), flush=True)
   table = summarise(runs, ["untrained"] + rows)
-  header = (f"preset {args.preset} ({overrides}), seeds {seeds}, "
-            f"{time.perf_counter() - started:.0f} s in all, on {machine()}")
+  header = (
+      f"preset {args.preset} ({overrides}), seeds {seeds}, "
+      f"{time.perf_counter() - started:.0f} s in all, on {machine()}"
+  )
   print(header)
   print(table)
   if args.out:

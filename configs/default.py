@@ -17,7 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = "synthetic_faces"  # TFDS builder[/config]: casia_webface, vggface2, ...
   config.dataset.data_dir = ""  # TFDS data folder; "": $TFDS_DATA_DIR or ~/tensorflow_datasets.
-  config.dataset.manual_dir = ""  # Source files; "": <data_dir>/downloads/manual (README: Datasets).
+  config.dataset.manual_dir = (
+      ""  # Source files; "": <data_dir>/downloads/manual (README: Datasets).
+  )
   config.dataset.split = "train"
   config.dataset.image_size = 112  # Images are resized (or 5-point aligned) to this square size.
   config.dataset.shuffle_buffer = 10_000

@@ -21,9 +21,19 @@ def get_config(loss_kind: str = "adm"):
   config.model.name = "tiny"
   config.model.embedding_dim = 128
   if loss_kind == "adm":  # ADAM: ADM with the auto-margin.
-    config.loss = margins.loss_config("adm", s=32.0, m=0.3, auto_margin={
-        "enabled": True, "target": 0.5, "rate": 2e-3, "momentum": 0.95, "m_min": 0.1,
-        "m_max": 0.5})
+    config.loss = margins.loss_config(
+        "adm",
+        s=32.0,
+        m=0.3,
+        auto_margin={
+            "enabled": True,
+            "target": 0.5,
+            "rate": 2e-3,
+            "momentum": 0.95,
+            "m_min": 0.1,
+            "m_max": 0.5,
+        },
+    )
   else:
     config.loss = margins.loss_config(loss_kind)
   config.global_batch_size = 64

@@ -18,7 +18,8 @@ def get_config():
   config = demo.get_config()
   config.global_batch_size = 64
   config.dataset.weight = 1.0
-  config.extra_datasets = ({"name": "image_folder/orl_s1_s30", "weight": 1.0,
-                            "shuffle_buffer": 300},)  # 30 identities x 10 images.
+  config.extra_datasets = (
+      {"name": "image_folder/orl_s1_s30", "weight": 1.0, "shuffle_buffer": 300},
+  )  # 30 identities x 10 images.
   config.verification.sets = ("synthetic", "orl")
   return config

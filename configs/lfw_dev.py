@@ -21,9 +21,12 @@ import pathlib
 from adam_face import margins
 from configs import default
 
-LFW_DEV_DIR = pathlib.Path(os.environ.get(
-    "ADAM_FACE_LFW_DEV_DIR",
-    pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw_dev"))
+LFW_DEV_DIR = pathlib.Path(
+    os.environ.get(
+        "ADAM_FACE_LFW_DEV_DIR",
+        pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw_dev",
+    )
+)
 
 # One row of the comparison each: (kind, fields). Scales and margins are the papers' unless the
 # name says otherwise.
@@ -39,9 +42,21 @@ ROWS = {
     # `--config.num_train_steps=1500`) the batch acc_margin was 0.016 at step 150 and 0.066 at
     # step 300: within this 300-step budget it only reaches a few percent. So the target is 0.02,
     # reached about half-way, and the rate lets m move by about 0.1 over the second half.
-    "adam": ("adm", {"s": 30.0, "m": 0.3, "auto_margin": {
-        "enabled": True, "target": 0.02, "rate": 0.02, "momentum": 0.95, "m_min": 0.1,
-        "m_max": 0.6}}),
+    "adam": (
+        "adm",
+        {
+            "s": 30.0,
+            "m": 0.3,
+            "auto_margin": {
+                "enabled": True,
+                "target": 0.02,
+                "rate": 0.02,
+                "momentum": 0.95,
+                "m_min": 0.1,
+                "m_max": 0.6,
+            },
+        },
+    ),
     "subcenter_arcface": ("subcenter_arcface", {}),
     "curricularface": ("curricularface", {}),
     "adaface": ("adaface", {}),

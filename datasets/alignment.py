@@ -6,14 +6,14 @@ from PIL import Image
 # Where the left eye, right eye, nose tip and left and right mouth corners land in a 112x112 crop
 # (the layout of the insightface aligned releases, so raw and RecordIO data look alike).
 ARCFACE_TEMPLATE_112 = np.array(
-  [
-    [38.2946, 51.6963],
-    [73.5318, 51.5014],
-    [56.0252, 71.7366],
-    [41.5493, 92.3655],
-    [70.7299, 92.2041],
-  ],
-  np.float64,
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ],
+    np.float64,
 )
 
 
@@ -65,9 +65,9 @@ def align_face(image: Image.Image, landmarks: np.ndarray, image_size: int = 112)
   # PIL asks, for each output pixel, where to sample the input: the inverse map.
   inverse = np.linalg.inv(np.vstack([forward, [0.0, 0.0, 1.0]]))[:2]
   aligned = image.convert("RGB").transform(
-    (image_size, image_size),
-    Image.Transform.AFFINE,
-    data=tuple(inverse.ravel()),
-    resample=Image.Resampling.BILINEAR,
+      (image_size, image_size),
+      Image.Transform.AFFINE,
+      data=tuple(inverse.ravel()),
+      resample=Image.Resampling.BILINEAR,
   )
   return np.asarray(aligned, np.uint8)

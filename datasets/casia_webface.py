@@ -32,5 +32,5 @@ casia_webface/folder: extract the raw CASIA-WebFace release so that its identity
 
     names = [identity for identity, _ in scanned]
     return names, lambda skipped: image_folder.identity_folder_examples(
-      scanned, lambda identity, path, data, image: face_identity.as_jpeg_112(data, image), skipped
+        scanned, lambda identity, path, data, image: face_identity.as_jpeg_112(data, image), skipped
     )

@@ -39,8 +39,8 @@ def checked_label(labels: np.ndarray, num_classes: int, where: str) -> int:
   label = float(labels[0])
   if not (np.isfinite(label) and label == int(label) and 0 <= label < num_classes):
     raise ValueError(
-      f"{where}: label {label} is not a class in [0, {num_classes}) (num_classes from the "
-      "property file); the property file and the .rec do not belong together"
+        f"{where}: label {label} is not a class in [0, {num_classes}) (num_classes from the "
+        "property file); the property file and the .rec do not belong together"
     )
   return int(label)
 
@@ -77,34 +77,36 @@ class FaceIdentityBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [
-    tfds.core.BuilderConfig(name="recordio", description="insightface RecordIO release"),
-    tfds.core.BuilderConfig(name="folder", description="raw identity-folder release"),
+      tfds.core.BuilderConfig(name="recordio", description="insightface RecordIO release"),
+      tfds.core.BuilderConfig(name="folder", description="raw identity-folder release"),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-      features=tfds.features.FeaturesDict(
-        {
-          "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="jpeg"),
-          "label": tfds.features.ClassLabel(),  # Set once the data is found.
-        }
-      ),
-      supervised_keys=("image", "label"),
-      metadata=tfds.core.MetadataDict(),
+        features=tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(
+                    shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="jpeg"
+                ),
+                "label": tfds.features.ClassLabel(),  # Set once the data is found.
+            }
+        ),
+        supervised_keys=("image", "label"),
+        metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
     root = manual_data.manual_dir(dl_manager, self.name, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
     if self.builder_config.name == "recordio":
       manual_data.require(
-        [root / name for name in RECORDIO_FILES], self.name, self.MANUAL_DOWNLOAD_INSTRUCTIONS
+          [root / name for name in RECORDIO_FILES], self.name, self.MANUAL_DOWNLOAD_INSTRUCTIONS
       )
       num_classes = read_property(root / "property")
       self.info.features["label"].names = [str(i) for i in range(num_classes)]
       return {
-        "train": self._generate_examples(
-          lambda skipped: recordio_examples(root, num_classes, skipped)
-        )
+          "train": self._generate_examples(
+              lambda skipped: recordio_examples(root, num_classes, skipped)
+          )
       }
     names, examples = self._folder_split(root)
     self.info.features["label"].names = names

@@ -16,7 +16,7 @@ import numpy as np
 _SKIN_LIGHT = np.array([236.0, 204.0, 180.0])
 _SKIN_DARK = np.array([105.0, 72.0, 52.0])
 _HAIR_COLOURS = np.array(
-  [[25.0, 20, 18], [85, 55, 35], [190, 160, 105], [150, 145, 140], [120, 45, 25]]
+    [[25.0, 20, 18], [85, 55, 35], [190, 160, 105], [150, 145, 140], [120, 45, 25]]
 )
 _IRIS_COLOURS = np.array([[70.0, 45, 25], [60, 90, 130], [70, 100, 60], [35, 30, 25]])
 
@@ -28,38 +28,42 @@ def sample_identity(rng: np.random.Generator) -> dict:
   nose_length = u(0.15, 0.28)
   hair_weights = rng.dirichlet(np.full(len(_HAIR_COLOURS), 0.3))
   return {
-    "face_rx": u(0.5, 0.66),
-    "face_ry": u(0.68, 0.84),
-    "chin": u(0.7, 1.0),
-    "skin": (_SKIN_LIGHT + u() * (_SKIN_DARK - _SKIN_LIGHT)) + rng.normal(0, 8, 3),
-    "hair": hair_weights @ _HAIR_COLOURS,
-    "hairline": u(-0.7, -0.35),
-    "hair_volume": u(1.03, 1.25),
-    "hair_length": u(-0.3, 0.6),
-    "eye_y": eye_y,
-    "eye_dx": u(0.19, 0.3),
-    "eye_rx": u(0.07, 0.11),
-    "eye_ry": u(0.035, 0.06),
-    "iris": _IRIS_COLOURS[rng.integers(len(_IRIS_COLOURS))] + rng.normal(0, 10, 3),
-    "brow_gap": u(0.07, 0.15),
-    "brow_thickness": u(0.015, 0.045),
-    "brow_tilt": u(-0.3, 0.3),
-    "brow_length": u(0.09, 0.16),
-    "nose_tip": eye_y + nose_length,
-    "nose_width": u(0.05, 0.12),
-    "nose_shadow": u(0.1, 0.35),
-    "mouth_y": eye_y + nose_length + u(0.12, 0.22),
-    "mouth_dx": u(0.09, 0.19),
-    "lip": u(0.018, 0.045),
-    "smile": u(-0.07, 0.07),
-    "beard": u() < 0.25,
-    "beard_density": u(0.4, 0.9),
-    "moles": rng.uniform([-0.4, -0.3, 0.012], [0.4, 0.5, 0.03], size=(rng.integers(0, 4), 3)),
-    # A faint skin pattern: a few low-frequency waves, unique to the identity.
-    "pattern": np.concatenate(
-      [rng.normal(0, 4.0, (4, 2)), rng.uniform(0, 2 * np.pi, (4, 1)), rng.uniform(4, 12, (4, 1))],
-      axis=1,
-    ),
+      "face_rx": u(0.5, 0.66),
+      "face_ry": u(0.68, 0.84),
+      "chin": u(0.7, 1.0),
+      "skin": (_SKIN_LIGHT + u() * (_SKIN_DARK - _SKIN_LIGHT)) + rng.normal(0, 8, 3),
+      "hair": hair_weights @ _HAIR_COLOURS,
+      "hairline": u(-0.7, -0.35),
+      "hair_volume": u(1.03, 1.25),
+      "hair_length": u(-0.3, 0.6),
+      "eye_y": eye_y,
+      "eye_dx": u(0.19, 0.3),
+      "eye_rx": u(0.07, 0.11),
+      "eye_ry": u(0.035, 0.06),
+      "iris": _IRIS_COLOURS[rng.integers(len(_IRIS_COLOURS))] + rng.normal(0, 10, 3),
+      "brow_gap": u(0.07, 0.15),
+      "brow_thickness": u(0.015, 0.045),
+      "brow_tilt": u(-0.3, 0.3),
+      "brow_length": u(0.09, 0.16),
+      "nose_tip": eye_y + nose_length,
+      "nose_width": u(0.05, 0.12),
+      "nose_shadow": u(0.1, 0.35),
+      "mouth_y": eye_y + nose_length + u(0.12, 0.22),
+      "mouth_dx": u(0.09, 0.19),
+      "lip": u(0.018, 0.045),
+      "smile": u(-0.07, 0.07),
+      "beard": u() < 0.25,
+      "beard_density": u(0.4, 0.9),
+      "moles": rng.uniform([-0.4, -0.3, 0.012], [0.4, 0.5, 0.03], size=(rng.integers(0, 4), 3)),
+      # A faint skin pattern: a few low-frequency waves, unique to the identity.
+      "pattern": np.concatenate(
+          [
+              rng.normal(0, 4.0, (4, 2)),
+              rng.uniform(0, 2 * np.pi, (4, 1)),
+              rng.uniform(4, 12, (4, 1)),
+          ],
+          axis=1,
+      ),
   }
 
 
@@ -67,21 +71,21 @@ def sample_nuisance(rng: np.random.Generator) -> dict:
   """Per-image pose, expression, background, light, occlusion and noise."""
   u = rng.uniform
   return {
-    "angle": u(-0.3, 0.3),
-    "scale": u(0.85, 1.15),
-    "shift": u(-0.1, 0.1, 2),
-    "yaw": u(-0.35, 0.35),
-    "eye_open": u(0.4, 1.0),
-    "smile": rng.normal(0, 0.03),
-    "background": u(0, 255, 3),
-    "background_gradient": u(-60, 60, (2, 3)),
-    "light_direction": u(0, 2 * np.pi),
-    "light_strength": u(0.0, 0.5),
-    "exposure": u(0.6, 1.3),
-    "colour_cast": rng.normal(1.0, 0.07, 3),
-    "occluder": (u(-1, 1, 2), u(0.1, 0.45, 2), u(0, 255, 3)) if u() < 0.2 else None,
-    "noise": u(2.0, 12.0),
-    "noise_seed": rng.integers(2**31),
+      "angle": u(-0.3, 0.3),
+      "scale": u(0.85, 1.15),
+      "shift": u(-0.1, 0.1, 2),
+      "yaw": u(-0.35, 0.35),
+      "eye_open": u(0.4, 1.0),
+      "smile": rng.normal(0, 0.03),
+      "background": u(0, 255, 3),
+      "background_gradient": u(-60, 60, (2, 3)),
+      "light_direction": u(0, 2 * np.pi),
+      "light_strength": u(0.0, 0.5),
+      "exposure": u(0.6, 1.3),
+      "colour_cast": rng.normal(1.0, 0.07, 3),
+      "occluder": (u(-1, 1, 2), u(0.1, 0.45, 2), u(0, 255, 3)) if u() < 0.2 else None,
+      "noise": u(2.0, 12.0),
+      "noise_seed": rng.integers(2**31),
   }
 
 
@@ -121,9 +125,9 @@ def render_face(identity: dict, nuisance: dict, image_size: int) -> np.ndarray:
   yaw = nu["yaw"]
 
   image = (
-    nu["background"]
-    + x[..., None] * nu["background_gradient"][0]
-    + (y[..., None] * nu["background_gradient"][1])
+      nu["background"]
+      + x[..., None] * nu["background_gradient"][0]
+      + (y[..., None] * nu["background_gradient"][1])
   ).astype(np.float32)
 
   # Head: hair behind, then the face, whose outline narrows when turned and towards the chin.
@@ -131,24 +135,24 @@ def render_face(identity: dict, nuisance: dict, image_size: int) -> np.ndarray:
   jaw = np.where(v > 0.05, 1.0 - (1.0 - ident["chin"]) * np.clip((v - 0.05) / 0.8, 0, 1), 1.0)
   face = _soft(_ellipse(u / jaw, v, -0.05 * yaw, 0.05, face_rx, ident["face_ry"]), edge)
   hair = _soft(
-    _ellipse(
-      u,
-      v,
-      -0.08 * yaw,
-      0.0,
-      face_rx * ident["hair_volume"],
-      ident["face_ry"] * ident["hair_volume"],
-    ),
-    edge,
+      _ellipse(
+          u,
+          v,
+          -0.08 * yaw,
+          0.0,
+          face_rx * ident["hair_volume"],
+          ident["face_ry"] * ident["hair_volume"],
+      ),
+      edge,
   )
   hair *= _soft(v - ident["hair_length"], edge) * np.maximum(
-    1.0 - face, _soft(v - ident["hairline"], edge)
+      1.0 - face, _soft(v - ident["hairline"], edge)
   )
   _paint(image, hair, ident["hair"])
   k1, k2, phase, freq = np.moveaxis(ident["pattern"], 1, 0)
   pattern = sum(
-    a * np.cos(freq_i * (np.cos(k) * u + np.sin(k) * v) + p)
-    for a, k, p, freq_i in zip(k1, k2, phase, freq)
+      a * np.cos(freq_i * (np.cos(k) * u + np.sin(k) * v) + p)
+      for a, k, p, freq_i in zip(k1, k2, phase, freq)
   )
   _paint(image, face * (1.0 - hair), ident["skin"])
   image += (face * (1.0 - hair) * pattern)[..., None]
@@ -170,39 +174,39 @@ def render_face(identity: dict, nuisance: dict, image_size: int) -> np.ndarray:
     iris = sclera * _soft(_ellipse(fu, v, cu, ident["eye_y"], eye_ry * 1.2, eye_ry * 1.2), edge)
     _paint(image, iris, ident["iris"])
     _paint(
-      image,
-      iris * _soft(_ellipse(fu, v, cu, ident["eye_y"], eye_ry * 0.5, eye_ry * 0.5), edge),
-      (10.0, 10.0, 10.0),
+        image,
+        iris * _soft(_ellipse(fu, v, cu, ident["eye_y"], eye_ry * 0.5, eye_ry * 0.5), edge),
+        (10.0, 10.0, 10.0),
     )
     brow_v = ident["eye_y"] - ident["brow_gap"] - side * ident["brow_tilt"] * (fu - cu)
     brow = _soft(
-      np.maximum(
-        np.abs(v - brow_v) - ident["brow_thickness"], np.abs(fu - cu) - ident["brow_length"]
-      ),
-      edge,
+        np.maximum(
+            np.abs(v - brow_v) - ident["brow_thickness"], np.abs(fu - cu) - ident["brow_length"]
+        ),
+        edge,
     )
     _paint(image, brow * 0.85, ident["hair"] * 0.8)
 
   # Nose: a shaded ridge down to the tip, and two nostrils.
   fu = feature_u(0.25)
   ridge = np.clip((v - ident["eye_y"]) / (ident["nose_tip"] - ident["eye_y"]), 0, 1) * _soft(
-    v - ident["nose_tip"], edge
+      v - ident["nose_tip"], edge
   )
   side_shadow = _soft(
-    np.abs(fu - 0.5 * ident["nose_width"] * np.sign(yaw or 1.0)) - 0.015, edge * 3
+      np.abs(fu - 0.5 * ident["nose_width"] * np.sign(yaw or 1.0)) - 0.015, edge * 3
   )
   image *= (1.0 - ident["nose_shadow"] * ridge * side_shadow * face)[..., None]
   for side in (-1.0, 1.0):
     nostril = _soft(
-      _ellipse(
-        fu,
-        v,
-        side * ident["nose_width"] * 0.6,
-        ident["nose_tip"],
-        ident["nose_width"] * 0.35,
-        0.018,
-      ),
-      edge,
+        _ellipse(
+            fu,
+            v,
+            side * ident["nose_width"] * 0.6,
+            ident["nose_tip"],
+            ident["nose_width"] * 0.35,
+            0.018,
+        ),
+        edge,
     )
     _paint(image, nostril * 0.7, ident["skin"] * 0.35)
 
@@ -211,15 +215,15 @@ def render_face(identity: dict, nuisance: dict, image_size: int) -> np.ndarray:
   smile = ident["smile"] + nu["smile"]
   mouth_v = ident["mouth_y"] - smile * (1.0 - (fu / ident["mouth_dx"]) ** 2)
   mouth = _soft(
-    np.maximum(np.abs(v - mouth_v) - ident["lip"], np.abs(fu) - ident["mouth_dx"]), edge
+      np.maximum(np.abs(v - mouth_v) - ident["lip"], np.abs(fu) - ident["mouth_dx"]), edge
   )
   _paint(image, mouth, ident["skin"] * np.array([0.75, 0.45, 0.45]))
 
   for mu, mv, radius in ident["moles"]:
     _paint(
-      image,
-      face * _soft(_ellipse(feature_u(0.1), v, mu, mv, radius, radius), edge),
-      ident["skin"] * 0.45,
+        image,
+        face * _soft(_ellipse(feature_u(0.1), v, mu, mv, radius, radius), edge),
+        ident["skin"] * 0.45,
     )
 
   # Light: a directional gradient over the head, exposure and colour cast over everything.
@@ -230,7 +234,7 @@ def render_face(identity: dict, nuisance: dict, image_size: int) -> np.ndarray:
   if nu["occluder"] is not None:
     centre, half, colour = nu["occluder"]
     block = _soft(
-      np.maximum(np.abs(x - centre[0]) - half[0], np.abs(y - centre[1]) - half[1]), edge
+        np.maximum(np.abs(x - centre[0]) - half[0], np.abs(y - centre[1]) - half[1]), edge
     )
     _paint(image, block, colour)
 

@@ -39,8 +39,8 @@ meaningful accuracy, raw 250x250 photos do not).""".format(sets=", ".join(SETS))
 
 
 _PATH_SYNTAX = (
-  "an insightface verification .bin, or an LFW pairs file as pairs.txt@image_dir "
-  "(bare pairs.txt: images in lfw/ beside it)"
+    "an insightface verification .bin, or an LFW pairs file as pairs.txt@image_dir "
+    "(bare pairs.txt: images in lfw/ beside it)"
 )
 
 
@@ -49,8 +49,8 @@ def _latin1_encode(text, encoding):
   the global cannot be used to run any other codec (e.g. a decompressor)."""
   if not isinstance(text, str) or encoding != "latin1":
     raise pickle.UnpicklingError(
-      "_codecs.encode is allowed in a verification .bin only as encode(str, 'latin1'), the way "
-      f"pickle stores bytes; got encode({type(text).__name__}, {encoding!r})"
+        "_codecs.encode is allowed in a verification .bin only as encode(str, 'latin1'), the way "
+        f"pickle stores bytes; got encode({type(text).__name__}, {encoding!r})"
     )
   return text.encode("latin1")
 
@@ -60,7 +60,7 @@ def _empty_bytes(*args):
   any amount of memory, so none are accepted."""
   if args:
     raise pickle.UnpicklingError(
-      "bytes is allowed in a verification .bin only as bytes(), the way pickle stores b''"
+        "bytes is allowed in a verification .bin only as bytes(), the way pickle stores b''"
     )
   return b""
 
@@ -77,24 +77,24 @@ class _PairBinUnpickler(pickle.Unpickler):
 
   _NUMPY_CORE = getattr(np, "_core", None) or np.core
   _ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"): _NUMPY_CORE.multiarray._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _NUMPY_CORE.multiarray._reconstruct,
-    ("numpy.core.multiarray", "scalar"): _NUMPY_CORE.multiarray.scalar,
-    ("numpy._core.multiarray", "scalar"): _NUMPY_CORE.multiarray.scalar,
-    ("numpy.core.numeric", "_frombuffer"): _NUMPY_CORE.numeric._frombuffer,  # Protocol 5.
-    ("numpy._core.numeric", "_frombuffer"): _NUMPY_CORE.numeric._frombuffer,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): _latin1_encode,
-    ("__builtin__", "bytes"): _empty_bytes,  # The name protocols 0-2 write (fix_imports).
-    ("builtins", "bytes"): _empty_bytes,
+      ("numpy.core.multiarray", "_reconstruct"): _NUMPY_CORE.multiarray._reconstruct,
+      ("numpy._core.multiarray", "_reconstruct"): _NUMPY_CORE.multiarray._reconstruct,
+      ("numpy.core.multiarray", "scalar"): _NUMPY_CORE.multiarray.scalar,
+      ("numpy._core.multiarray", "scalar"): _NUMPY_CORE.multiarray.scalar,
+      ("numpy.core.numeric", "_frombuffer"): _NUMPY_CORE.numeric._frombuffer,  # Protocol 5.
+      ("numpy._core.numeric", "_frombuffer"): _NUMPY_CORE.numeric._frombuffer,
+      ("numpy", "ndarray"): np.ndarray,
+      ("numpy", "dtype"): np.dtype,
+      ("_codecs", "encode"): _latin1_encode,
+      ("__builtin__", "bytes"): _empty_bytes,  # The name protocols 0-2 write (fix_imports).
+      ("builtins", "bytes"): _empty_bytes,
   }
 
   def find_class(self, module, name):
     if (module, name) not in self._ALLOWED:
       raise pickle.UnpicklingError(
-        f"{module}.{name} is not allowed in a verification .bin (expected a pickle of "
-        "(list of encoded images, list of booleans))"
+          f"{module}.{name} is not allowed in a verification .bin (expected a pickle of "
+          "(list of encoded images, list of booleans))"
       )
     return self._ALLOWED[(module, name)]
 
@@ -108,18 +108,18 @@ def load_pair_bin(path: pathlib.Path) -> tuple[list[bytes], np.ndarray]:
     raise ValueError(f"{path}: expected a pickled (bins, issame_list) pair")
   bins, issame = loaded
   encoded = [
-    bytes(np.asarray(b, np.uint8)) if isinstance(b, np.ndarray) else bytes(b) for b in bins
+      bytes(np.asarray(b, np.uint8)) if isinstance(b, np.ndarray) else bytes(b) for b in bins
   ]
   issame = np.asarray(issame, dtype=bool).reshape(-1)
   if len(encoded) != 2 * len(issame):
     raise ValueError(
-      f"{path}: {len(encoded)} images for {len(issame)} pairs; expected two images per pair"
+        f"{path}: {len(encoded)} images for {len(issame)} pairs; expected two images per pair"
     )
   return encoded, issame
 
 
 def read_lfw_pairs(
-  pairs_txt: pathlib.Path, image_root: pathlib.Path, instructions: str = _INSTRUCTIONS
+    pairs_txt: pathlib.Path, image_root: pathlib.Path, instructions: str = _INSTRUCTIONS
 ):
   """[(path_a, path_b, is_same, fold)] from LFW's pairs.txt.
 
@@ -131,8 +131,8 @@ def read_lfw_pairs(
   num_folds, per_fold = (int(v) for v in lines[0])
   if len(lines) - 1 != num_folds * 2 * per_fold:
     raise ValueError(
-      f"{pairs_txt}: the header announces {num_folds} folds of 2x{per_fold} "
-      f"pairs but {len(lines) - 1} pair lines follow"
+        f"{pairs_txt}: the header announces {num_folds} folds of 2x{per_fold} "
+        f"pairs but {len(lines) - 1} pair lines follow"
     )
 
   def path(name, number):
@@ -147,14 +147,14 @@ def read_lfw_pairs(
       pairs.append((path(fields[0], fields[1]), path(fields[2], fields[3]), False, fold))
     else:
       raise ValueError(
-        f"{pairs_txt}:{line_number}: expected 'name i j' or "
-        f"'name1 i name2 j', got {' '.join(fields)!r}"
+          f"{pairs_txt}:{line_number}: expected 'name i j' or "
+          f"'name1 i name2 j', got {' '.join(fields)!r}"
       )
   missing = sorted({str(p) for a, b, _, _ in pairs for p in (a, b) if not p.exists()})
   if missing:
     raise FileNotFoundError(
-      f"{pairs_txt} names {len(missing)} images that do not exist "
-      f"(first: {missing[0]}). {instructions}"
+        f"{pairs_txt} names {len(missing)} images that do not exist "
+        f"(first: {missing[0]}). {instructions}"
     )
   return pairs
 
@@ -163,11 +163,11 @@ def is_path_entry(entry: str) -> bool:
   """Whether a verification-set entry is meant as a path rather than a set name: it names an
   existing file, or has a folder separator, an '@' or a .bin/.txt ending."""
   return (
-    os.path.exists(entry)
-    or os.sep in entry
-    or "/" in entry
-    or "@" in entry
-    or entry.endswith((".bin", ".txt"))
+      os.path.exists(entry)
+      or os.sep in entry
+      or "/" in entry
+      or "@" in entry
+      or entry.endswith((".bin", ".txt"))
   )
 
 
@@ -220,12 +220,12 @@ def path_config(entry: str) -> FaceVerificationConfig:
   path = path.resolve()
   if not path.is_file():
     raise FileNotFoundError(
-      f"verification set {entry!r}: {path} does not exist; expected {_PATH_SYNTAX}"
+        f"verification set {entry!r}: {path} does not exist; expected {_PATH_SYNTAX}"
     )
   if path.suffix == ".bin":
     if image_root is not None:
       raise ValueError(
-        f"verification set {entry!r}: a .bin holds its own images; drop '@{image_root}'"
+          f"verification set {entry!r}: a .bin holds its own images; drop '@{image_root}'"
       )
     fingerprint = (str(path), _fingerprint(path))
     fields = {"bin_path": str(path), "description": f"pairs of {path}"}
@@ -233,18 +233,21 @@ def path_config(entry: str) -> FaceVerificationConfig:
     image_root = (image_root or path.parent / "lfw").resolve()
     if not image_root.is_dir():
       raise FileNotFoundError(
-        f"verification set {entry!r}: image folder {image_root} does not exist; expected "
-        "<Name>/<Name>_NNNN.jpg under the folder after '@' (bare pairs.txt: under lfw/ beside it)"
+          f"verification set {entry!r}: image folder {image_root} does not exist; expected "
+          "<Name>/<Name>_NNNN.jpg under the folder after '@' (bare pairs.txt: under lfw/ beside it)"
       )
     pairs = read_lfw_pairs(path, image_root, f"Expected {_PATH_SYNTAX}.")
     images = sorted({p for a, b, _, _ in pairs for p in (a, b)})
     fingerprint = (
-      str(path), _fingerprint(path), str(image_root), [_fingerprint(p) for p in images]
+        str(path),
+        _fingerprint(path),
+        str(image_root),
+        [_fingerprint(p) for p in images],
     )
     fields = {
-      "pairs_path": str(path),
-      "image_root": str(image_root),
-      "description": f"pairs of {path}, images in {image_root}",
+        "pairs_path": str(path),
+        "image_root": str(image_root),
+        "description": f"pairs of {path}, images in {image_root}",
     }
   name = "".join(c if c.isalnum() else "_" for c in path_set_name(entry))
   digest = hashlib.sha1(repr(fingerprint).encode()).hexdigest()[:12]
@@ -258,7 +261,7 @@ class FaceVerification(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
   BUILDER_CONFIGS = [
-    FaceVerificationConfig(name=name, description=f"{name} pairs") for name in SETS
+      FaceVerificationConfig(name=name, description=f"{name} pairs") for name in SETS
   ]
 
   def __init__(self, *, path: str | os.PathLike | None = None, **kwargs):
@@ -270,16 +273,16 @@ class FaceVerification(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-      features=tfds.features.FeaturesDict(
-        {
-          "image_a": tfds.features.Image(shape=(None, None, 3)),
-          "image_b": tfds.features.Image(shape=(None, None, 3)),
-          "is_same": np.bool_,
-          "fold": np.int32,
-        }
-      ),
-      disable_shuffling=True,  # Keep the source order: folds are consecutive blocks.
-      metadata=tfds.core.MetadataDict(),
+        features=tfds.features.FeaturesDict(
+            {
+                "image_a": tfds.features.Image(shape=(None, None, 3)),
+                "image_b": tfds.features.Image(shape=(None, None, 3)),
+                "is_same": np.bool_,
+                "fold": np.int32,
+            }
+        ),
+        disable_shuffling=True,  # Keep the source order: folds are consecutive blocks.
+        metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
@@ -307,11 +310,11 @@ class FaceVerification(tfds.core.GeneratorBasedBuilder):
     folds = consecutive_folds(len(issame))
     for i in range(len(issame)):
       yield (
-        i,
-        (encoded[2 * i], f"{bin_path} image {2 * i}"),
-        (encoded[2 * i + 1], f"{bin_path} image {2 * i + 1}"),
-        issame[i],
-        folds[i],
+          i,
+          (encoded[2 * i], f"{bin_path} image {2 * i}"),
+          (encoded[2 * i + 1], f"{bin_path} image {2 * i + 1}"),
+          issame[i],
+          folds[i],
       )
 
   @staticmethod
@@ -329,12 +332,12 @@ class FaceVerification(tfds.core.GeneratorBasedBuilder):
         skipped.skip(e)  # The whole pair goes; its other image is not counted.
         continue
       yield (
-        i,
-        {
-          "image_a": images.storable_bytes(data_a, image_a),
-          "image_b": images.storable_bytes(data_b, image_b),
-          "is_same": bool(is_same),
-          "fold": int(fold),
-        },
+          i,
+          {
+              "image_a": images.storable_bytes(data_a, image_a),
+              "image_b": images.storable_bytes(data_b, image_b),
+              "is_same": bool(is_same),
+              "fold": int(fold),
+          },
       )
     skipped.record(self.info.metadata)

@@ -41,12 +41,12 @@ the tree's location as the builder kwarg root=... (e.g. dataset_config.builder_k
 def orl_faces_dir() -> pathlib.Path:
   """$ADAM_FACE_ORL_DIR, else ../shared/data/orl_faces relative to the repository root."""
   return pathlib.Path(
-    os.environ.get("ADAM_FACE_ORL_DIR", REPO_ROOT.parent / "shared" / "data" / "orl_faces")
+      os.environ.get("ADAM_FACE_ORL_DIR", REPO_ROOT.parent / "shared" / "data" / "orl_faces")
   )
 
 
 def scan_identity_folders(
-  root: pathlib.Path, identities: tuple[str, ...] | None = None
+    root: pathlib.Path, identities: tuple[str, ...] | None = None
 ) -> list[tuple[str, list[pathlib.Path]]]:
   """[(identity, sorted image paths)] for the sub-folders of root, in natural order.
 
@@ -69,8 +69,8 @@ def scan_identity_folders(
   scanned = []
   for name in sorted(folders, key=images.natural_key):
     files = sorted(
-      (p for p in folders[name].iterdir() if p.is_file() and images.is_image_file(p.name)),
-      key=lambda p: images.natural_key(p.name),
+        (p for p in folders[name].iterdir() if p.is_file() and images.is_image_file(p.name)),
+        key=lambda p: images.natural_key(p.name),
     )
     if files:
       scanned.append((name, files))
@@ -78,7 +78,7 @@ def scan_identity_folders(
       raise FileNotFoundError(f"identity folder {folders[name]} holds no image files")
   if not scanned:
     raise FileNotFoundError(
-      f"{root} holds no identity folders with images (expected <root>/<identity>/<image>)"
+        f"{root} holds no identity folders with images (expected <root>/<identity>/<image>)"
     )
   return scanned
 
@@ -87,9 +87,9 @@ ImageToBytes = Callable[[str, pathlib.Path, bytes, Image.Image], bytes]
 
 
 def identity_folder_examples(
-  scanned: list[tuple[str, list[pathlib.Path]]],
-  to_bytes: ImageToBytes,
-  skipped: images.SkippedImages,
+    scanned: list[tuple[str, list[pathlib.Path]]],
+    to_bytes: ImageToBytes,
+    skipped: images.SkippedImages,
 ) -> Iterator[tuple[str, dict]]:
   """Yields (key, {'image': bytes, 'label': int}) for every decodable image of `scanned`.
 
@@ -107,8 +107,8 @@ def identity_folder_examples(
         skipped.skip(e)
         continue
       yield (
-        f"{identity}/{path.name}",
-        {"image": to_bytes(identity, path, data, image), "label": label},
+          f"{identity}/{path.name}",
+          {"image": to_bytes(identity, path, data, image), "label": label},
       )
 
 
@@ -125,16 +125,16 @@ def _custom_config(root: str | None, identities) -> ImageFolderConfig:
   identities = None if identities is None else tuple(identities)
   digest = hashlib.sha1(repr((root, identities)).encode()).hexdigest()[:12]
   base = (
-    "manual"
-    if root is None
-    else "".join(c if c.isalnum() else "_" for c in pathlib.Path(root).name)
+      "manual"
+      if root is None
+      else "".join(c if c.isalnum() else "_" for c in pathlib.Path(root).name)
   )
   return ImageFolderConfig(
-    name=f"{base}_{digest}",
-    root=root,
-    identities=identities,
-    description=f"identity folders of {root or 'the manual directory'}"
-    + (f", identities {', '.join(identities)}" if identities else ""),
+      name=f"{base}_{digest}",
+      root=root,
+      identities=identities,
+      description=f"identity folders of {root or 'the manual directory'}"
+      + (f", identities {', '.join(identities)}" if identities else ""),
   )
 
 
@@ -145,19 +145,19 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_INSTRUCTIONS
   BUILDER_CONFIGS = [
-    ImageFolderConfig(name="manual", description="identity folders of the manual directory"),
-    ImageFolderConfig(
-      name="orl",
-      root=str(orl_faces_dir()),
-      identities=ORL_IDENTITIES,
-      description="ORL faces, s1..s40",
-    ),
-    ImageFolderConfig(
-      name="orl_s1_s30",
-      root=str(orl_faces_dir()),
-      identities=ORL_TRAIN_IDENTITIES,
-      description="ORL faces training view, s1..s30",
-    ),
+      ImageFolderConfig(name="manual", description="identity folders of the manual directory"),
+      ImageFolderConfig(
+          name="orl",
+          root=str(orl_faces_dir()),
+          identities=ORL_IDENTITIES,
+          description="ORL faces, s1..s40",
+      ),
+      ImageFolderConfig(
+          name="orl_s1_s30",
+          root=str(orl_faces_dir()),
+          identities=ORL_TRAIN_IDENTITIES,
+          description="ORL faces training view, s1..s30",
+      ),
   ]
 
   def __init__(self, *, root: str | os.PathLike | None = None, identities=None, **kwargs):
@@ -169,14 +169,14 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-      features=tfds.features.FeaturesDict(
-        {
-          "image": tfds.features.Image(shape=(None, None, 3)),
-          "label": tfds.features.ClassLabel(),  # Names are set from the folders found.
-        }
-      ),
-      supervised_keys=("image", "label"),
-      metadata=tfds.core.MetadataDict(),
+        features=tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=(None, None, 3)),
+                "label": tfds.features.ClassLabel(),  # Names are set from the folders found.
+            }
+        ),
+        supervised_keys=("image", "label"),
+        metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
@@ -187,10 +187,10 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
       root = pathlib.Path(config.root)
       if not root.is_dir():
         hint = (
-          "The ORL faces belong at ../shared/data/orl_faces beside the checkout, or "
-          "set $ADAM_FACE_ORL_DIR."
-          if config.name.startswith("orl")
-          else ""
+            "The ORL faces belong at ../shared/data/orl_faces beside the checkout, or "
+            "set $ADAM_FACE_ORL_DIR."
+            if config.name.startswith("orl")
+            else ""
         )
         raise FileNotFoundError(f"image_folder/{config.name}: {root} does not exist. {hint}")
     scanned = scan_identity_folders(root, config.identities)
@@ -200,6 +200,6 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, scanned):
     skipped = images.SkippedImages(f"{self.name}/{self.builder_config.name}", "train")
     yield from identity_folder_examples(
-      scanned, lambda identity, path, data, image: images.storable_bytes(data, image), skipped
+        scanned, lambda identity, path, data, image: images.storable_bytes(data, image), skipped
     )
     skipped.record(self.info.metadata)

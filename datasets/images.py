@@ -16,16 +16,16 @@ from PIL import Image
 # File name endings treated as images when scanning folders; anything else (READMEs, csv files)
 # is ignored.
 IMAGE_EXTENSIONS = (
-  ".jpg",
-  ".jpeg",
-  ".png",
-  ".pgm",
-  ".ppm",
-  ".pbm",
-  ".bmp",
-  ".tif",
-  ".tiff",
-  ".webp",
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".pgm",
+    ".ppm",
+    ".pbm",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
 )
 # TF reads these formats in these modes as they are, to the same pixels as pillow
 # (adam_face/train_input.py: decode_image; greyscale expands to 3 channels at decode time), so
@@ -107,7 +107,7 @@ class SkippedImages:
 
   def skip(self, error: UndecodableImageError) -> None:
     logging.warning(
-      "%s/%s: skipping an undecodable image: %s", self._dataset_name, self._split, error
+        "%s/%s: skipping an undecodable image: %s", self._dataset_name, self._split, error
     )
     self.names.append(error.where)
 
@@ -115,11 +115,11 @@ class SkippedImages:
     """Logs the final count and stores it in `metadata` (the builder's info.metadata)."""
     if self.names:
       logging.warning(
-        "%s/%s: skipped %d undecodable images (listed in the dataset metadata "
-        "under 'skipped_images')",
-        self._dataset_name,
-        self._split,
-        len(self.names),
+          "%s/%s: skipped %d undecodable images (listed in the dataset metadata "
+          "under 'skipped_images')",
+          self._dataset_name,
+          self._split,
+          len(self.names),
       )
     metadata.setdefault("num_skipped_images", {})[self._split] = len(self.names)
     metadata.setdefault("skipped_images", {})[self._split] = list(self.names)

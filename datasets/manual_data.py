@@ -6,7 +6,7 @@ import tensorflow_datasets as tfds
 
 
 def manual_dir(
-  dl_manager: tfds.download.DownloadManager, dataset: str, instructions: str
+    dl_manager: tfds.download.DownloadManager, dataset: str, instructions: str
 ) -> pathlib.Path:
   """The manual directory, or FileNotFoundError saying what to put there."""
   try:
@@ -14,9 +14,9 @@ def manual_dir(
   except AssertionError as e:  # TFDS's way of saying the directory is missing or empty.
     # TFDS's first line names the directory and ends by introducing the instructions.
     raise FileNotFoundError(
-      f"{dataset}: {str(e).splitlines()[0]}\n{instructions}\nThe manual directory is "
-      "tfds.download.DownloadConfig(manual_dir=...), or the dataset config's manual_dir; "
-      "by default <data_dir>/downloads/manual."
+        f"{dataset}: {str(e).splitlines()[0]}\n{instructions}\nThe manual directory is "
+        "tfds.download.DownloadConfig(manual_dir=...), or the dataset config's manual_dir; "
+        "by default <data_dir>/downloads/manual."
     ) from e
 
 

@@ -4,11 +4,11 @@ import numpy as np
 
 
 def make_pairs(
-  identities: np.ndarray,
-  *,
-  num_folds: int = 10,
-  num_impostor_pairs: int | None = None,
-  seed: int = 0,
+    identities: np.ndarray,
+    *,
+    num_folds: int = 10,
+    num_impostor_pairs: int | None = None,
+    seed: int = 0,
 ) -> dict[str, np.ndarray]:
   """Every genuine pair, and all or a seeded sample of the impostor pairs, in balanced folds.
 
@@ -31,27 +31,27 @@ def make_pairs(
   genuine, impostor = np.flatnonzero(same), np.flatnonzero(~same)
   if len(genuine) == 0 or len(impostor) == 0:
     raise ValueError(
-      f"need two images of one identity and two identities for genuine and "
-      f"impostor pairs; got {len(genuine)} genuine and {len(impostor)} "
-      "impostor pairs"
+        f"need two images of one identity and two identities for genuine and "
+        f"impostor pairs; got {len(genuine)} genuine and {len(impostor)} "
+        "impostor pairs"
     )
   rng = np.random.default_rng(seed)
   if num_impostor_pairs is not None:
     if not 0 < num_impostor_pairs <= len(impostor):
       raise ValueError(
-        f"num_impostor_pairs must be in [1, {len(impostor)}], got {num_impostor_pairs}"
+          f"num_impostor_pairs must be in [1, {len(impostor)}], got {num_impostor_pairs}"
       )
     impostor = np.sort(rng.choice(impostor, num_impostor_pairs, replace=False))
   genuine, impostor = rng.permutation(genuine), rng.permutation(impostor)
   chosen = np.concatenate([genuine, impostor])
   fold = np.concatenate(
-    [np.arange(len(genuine)) % num_folds, np.arange(len(impostor)) % num_folds]
+      [np.arange(len(genuine)) % num_folds, np.arange(len(impostor)) % num_folds]
   ).astype(np.int32)
   order = np.argsort(fold, kind="stable")
   chosen, fold = chosen[order], fold[order]
   return {
-    "index_a": index_a[chosen],
-    "index_b": index_b[chosen],
-    "is_same": same[chosen],
-    "fold": fold,
+      "index_a": index_a[chosen],
+      "index_b": index_b[chosen],
+      "is_same": same[chosen],
+      "fold": fold,
   }

@@ -52,8 +52,8 @@ def unpack_image_record(payload: bytes) -> tuple[ImageRecordHeader, bytes]:
   """Splits a record payload into its header and the encoded image bytes."""
   if len(payload) < _IMAGE_HEADER.size:
     raise ValueError(
-      f"record payload has {len(payload)} bytes, fewer than the {_IMAGE_HEADER.size}-byte "
-      "image header"
+        f"record payload has {len(payload)} bytes, fewer than the {_IMAGE_HEADER.size}-byte "
+        "image header"
     )
   flag, label, id_, id2 = _IMAGE_HEADER.unpack_from(payload)
   rest = payload[_IMAGE_HEADER.size :]
@@ -89,8 +89,8 @@ def _read_part(f: BinaryIO, where: str) -> tuple[int, bytes]:
   magic, lrecord = _RECORD_HEAD.unpack(head)
   if magic != MAGIC:
     raise ValueError(
-      f"{where}: bad magic 0x{magic:08x} (expected 0x{MAGIC:08x}); "
-      "the .idx offsets do not match the .rec file"
+        f"{where}: bad magic 0x{magic:08x} (expected 0x{MAGIC:08x}); "
+        "the .idx offsets do not match the .rec file"
     )
   cflag, length = lrecord >> 29, lrecord & _LENGTH_MASK
   payload = f.read(length)
@@ -148,8 +148,8 @@ class IndexedRecordReader:
         missing = [k for k in range(1, end) if k not in self._offsets]
         if missing:
           raise ValueError(
-            f"{self.rec_path}: the meta record lists image records 1..{end - 1}, but "
-            f"{len(missing)} of them (first: {missing[0]}) are not in the index"
+              f"{self.rec_path}: the meta record lists image records 1..{end - 1}, but "
+              f"{len(missing)} of them (first: {missing[0]}) are not in the index"
           )
         return list(range(1, end))
     return self.keys

@@ -35,12 +35,12 @@ class SyntheticFacesConfig(tfds.core.BuilderConfig):
 
 
 _SIZE_FIELDS = (
-  "num_identities",
-  "images_per_identity",
-  "num_heldout_identities",
-  "heldout_images_per_identity",
-  "image_size",
-  "seed",
+    "num_identities",
+    "images_per_identity",
+    "num_heldout_identities",
+    "heldout_images_per_identity",
+    "image_size",
+    "seed",
 )
 DEFAULT_CONFIG = SyntheticFacesConfig(name="default", description="the built-in default size")
 
@@ -51,25 +51,25 @@ def _config_for(**sizes) -> SyntheticFacesConfig:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
       raise ValueError(f"synthetic_faces: {field} must be an int, got {value!r}")
   minimum = {
-    "num_identities": 1,
-    "images_per_identity": 1,
-    "num_heldout_identities": 2,
-    "heldout_images_per_identity": 2,
-    "image_size": 8,
-    "seed": 0,
+      "num_identities": 1,
+      "images_per_identity": 1,
+      "num_heldout_identities": 2,
+      "heldout_images_per_identity": 2,
+      "image_size": 8,
+      "seed": 0,
   }
   for field, least in minimum.items():
     if values[field] < least:
       raise ValueError(
-        f"synthetic_faces: {field} must be >= {least} (held-out identities "
-        f"need two images each and two identities for impostor pairs), got "
-        f"{values[field]}"
+          f"synthetic_faces: {field} must be >= {least} (held-out identities "
+          f"need two images each and two identities for impostor pairs), got "
+          f"{values[field]}"
       )
   if all(values[f] == getattr(DEFAULT_CONFIG, f) for f in _SIZE_FIELDS):
     return DEFAULT_CONFIG
   name = (
-    "ids{num_identities}x{images_per_identity}_heldout{num_heldout_identities}x"
-    "{heldout_images_per_identity}_{image_size}px_seed{seed}"
+      "ids{num_identities}x{images_per_identity}_heldout{num_heldout_identities}x"
+      "{heldout_images_per_identity}_{image_size}px_seed{seed}"
   ).format(**values)
   return SyntheticFacesConfig(name=name, description="custom size", **values)
 
@@ -78,12 +78,12 @@ def identity_images(seed: int, identity: int, num_images: int, image_size: int) 
   """The first num_images images (uint8 [S, S, 3]) of identity number `identity`."""
   template = face_renderer.sample_identity(np.random.default_rng([seed, 0, identity]))
   return [
-    face_renderer.render_face(
-      template,
-      face_renderer.sample_nuisance(np.random.default_rng([seed, 1, identity, i])),
-      image_size,
-    )
-    for i in range(num_images)
+      face_renderer.render_face(
+          template,
+          face_renderer.sample_nuisance(np.random.default_rng([seed, 1, identity, i])),
+          image_size,
+      )
+      for i in range(num_images)
   ]
 
 
@@ -105,14 +105,14 @@ class SyntheticFaces(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
     return self.dataset_info_from_configs(
-      features=tfds.features.FeaturesDict(
-        {
-          "image": tfds.features.Image(shape=(size, size, 3), encoding_format="jpeg"),
-          "label": tfds.features.ClassLabel(num_classes=self.builder_config.num_identities),
-          "identity": np.int32,
-        }
-      ),
-      supervised_keys=("image", "label"),
+        features=tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=(size, size, 3), encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(num_classes=self.builder_config.num_identities),
+                "identity": np.int32,
+            }
+        ),
+        supervised_keys=("image", "label"),
     )
 
   def _split_generators(self, dl_manager):
@@ -121,23 +121,23 @@ class SyntheticFaces(tfds.core.GeneratorBasedBuilder):
     train = range(config.num_identities)
     heldout = range(config.num_identities, config.num_identities + config.num_heldout_identities)
     return {
-      "train": self._generate_examples(train, config.images_per_identity, labelled=True),
-      "heldout": self._generate_examples(
-        heldout, config.heldout_images_per_identity, labelled=False
-      ),
+        "train": self._generate_examples(train, config.images_per_identity, labelled=True),
+        "heldout": self._generate_examples(
+            heldout, config.heldout_images_per_identity, labelled=False
+        ),
     }
 
   def _generate_examples(self, identities, images_per_identity, labelled):
     config = self.builder_config
     for identity in identities:
       for i, image in enumerate(
-        identity_images(config.seed, identity, images_per_identity, config.image_size)
+          identity_images(config.seed, identity, images_per_identity, config.image_size)
       ):
         yield (
-          f"{identity}_{i}",
-          {
-            "image": images.encode_jpeg(image),
-            "label": identity if labelled else -1,
-            "identity": identity,
-          },
+            f"{identity}_{i}",
+            {
+                "image": images.encode_jpeg(image),
+                "label": identity if labelled else -1,
+                "identity": identity,
+            },
         )

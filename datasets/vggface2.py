@@ -36,7 +36,7 @@ class LandmarkTable:
       header = next(reader, None)
       if header is None or len(header) != 11 or header[0].strip() != "NAME_ID":
         raise ValueError(
-          f"{csv_path}: expected the header NAME_ID,P1X,P1Y,...,P5X,P5Y, got {header}"
+            f"{csv_path}: expected the header NAME_ID,P1X,P1Y,...,P5X,P5Y, got {header}"
         )
       for line_number, row in enumerate(reader, start=2):
         if len(row) != 11:
@@ -69,7 +69,7 @@ vggface2/folder: extract the raw VGGFace2 training images and landmarks so that
 
   def _folder_split(self, root: pathlib.Path):
     manual_data.require(
-      [root / FOLDER_ROOT, root / LANDMARKS_CSV], self.name, self.MANUAL_DOWNLOAD_INSTRUCTIONS
+        [root / FOLDER_ROOT, root / LANDMARKS_CSV], self.name, self.MANUAL_DOWNLOAD_INSTRUCTIONS
     )
     scanned = image_folder.scan_identity_folders(root / FOLDER_ROOT)
     landmarks = LandmarkTable(root / LANDMARKS_CSV)
@@ -88,11 +88,11 @@ vggface2/folder: extract the raw VGGFace2 training images and landmarks so that
       yield from image_folder.identity_folder_examples(scanned, to_bytes, skipped)
       if unaligned:
         logging.warning(
-          "%s: %d images have no row in %s and were resized, not aligned (first: %s)",
-          self.name,
-          len(unaligned),
-          LANDMARKS_CSV,
-          unaligned[0],
+            "%s: %d images have no row in %s and were resized, not aligned (first: %s)",
+            self.name,
+            len(unaligned),
+            LANDMARKS_CSV,
+            unaligned[0],
         )
       self.info.metadata["num_unaligned_images"] = {"train": len(unaligned)}
 

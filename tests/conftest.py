@@ -16,7 +16,7 @@ import tempfile
 os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="adam_face_tfds_")
 atexit.register(shutil.rmtree, os.environ["TFDS_DATA_DIR"], ignore_errors=True)
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -30,7 +30,7 @@ from fixtures_data import REPO_ROOT, SMALL_SYNTHETIC  # noqa: E402
 def orl_dir():
   """The ORL faces beside the checkout (or $ADAM_FACE_ORL_DIR); skips where absent."""
   path = pathlib.Path(
-    os.environ.get("ADAM_FACE_ORL_DIR", REPO_ROOT.parent / "shared" / "data" / "orl_faces")
+      os.environ.get("ADAM_FACE_ORL_DIR", REPO_ROOT.parent / "shared" / "data" / "orl_faces")
   )
   if not (path / "s1" / "1.pgm").exists():
     pytest.skip(f"ORL faces not found at {path} (set ADAM_FACE_ORL_DIR)")
@@ -42,7 +42,7 @@ def lfw_dev_dir():
   """The aligned LFW dev data beside the checkout (or $ADAM_FACE_LFW_DEV_DIR); skips where
   absent. It is read in place, never copied into the repository."""
   path = pathlib.Path(
-    os.environ.get("ADAM_FACE_LFW_DEV_DIR", REPO_ROOT.parent / "shared" / "data" / "lfw_dev")
+      os.environ.get("ADAM_FACE_LFW_DEV_DIR", REPO_ROOT.parent / "shared" / "data" / "lfw_dev")
   )
   if not (path / "dev.bin").exists() or not (path / "train").is_dir():
     pytest.skip(f"lfw_dev data not found at {path} (set ADAM_FACE_LFW_DEV_DIR)")
@@ -73,7 +73,7 @@ def synthetic_config(data_dir):
   from adam_face import config_lib, data_builders  # pylint: disable=g-import-not-at-top
 
   config = config_lib.default_dataset_config(
-    data_dir=data_dir, image_size=16, shuffle_buffer=8, builder_kwargs=SMALL_SYNTHETIC
+      data_dir=data_dir, image_size=16, shuffle_buffer=8, builder_kwargs=SMALL_SYNTHETIC
   )
   data_builders.dataset_info(config)  # Prepares it once for the module.
   return config

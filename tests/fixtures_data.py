@@ -21,11 +21,11 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A synthetic_faces build small enough to prepare in a second (test_train_input,
 # test_verification_sets and conftest's synthetic_config).
 SMALL_SYNTHETIC = dict(
-  num_identities=5,
-  images_per_identity=4,
-  num_heldout_identities=4,
-  heldout_images_per_identity=3,
-  image_size=20,
+    num_identities=5,
+    images_per_identity=4,
+    num_heldout_identities=4,
+    heldout_images_per_identity=3,
+    image_size=20,
 )
 
 MAGIC_WORD = b"\x0a\x23\xd7\xce"  # 0xced7230a, little-endian.
@@ -57,10 +57,10 @@ def python2_pair_bin(bins: list[bytes], issame: list[bool]) -> bytes:
 
 def _part(cflag: int, data: bytes) -> bytes:
   return (
-    MAGIC_WORD
-    + struct.pack("<I", (cflag << 29) | len(data))
-    + data
-    + b"\x00" * ((4 - len(data) % 4) % 4)
+      MAGIC_WORD
+      + struct.pack("<I", (cflag << 29) | len(data))
+      + data
+      + b"\x00" * ((4 - len(data) % 4) % 4)
   )
 
 

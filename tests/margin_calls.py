@@ -9,6 +9,8 @@ def target_logits(margin, cos, state=None, feature_norm=None, key=None):
   losses.margin_logits passes when none are given."""
   cos = jnp.asarray(cos, jnp.float32)
   return margin.target_logits(
-      cos, state=margin.init_state() if state is None else state,
+      cos,
+      state=margin.init_state() if state is None else state,
       feature_norm=jnp.ones(cos.shape, jnp.float32) if feature_norm is None else feature_norm,
-      key=jax.random.key(0) if key is None else key)
+      key=jax.random.key(0) if key is None else key,
+  )

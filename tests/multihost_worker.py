@@ -19,14 +19,25 @@ sys.path[:0] = [REPO_ROOT, os.path.join(REPO_ROOT, "tests")]
 import jax  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
-                           process_id=process_id)
+jax.distributed.initialize(
+    coordinator_address=f"localhost:{port}", num_processes=2, process_id=process_id
+)
 
 from adam_face import train  # noqa: E402
 from tiny_config import tiny_demo_config  # noqa: E402
 
 results = train.train_and_evaluate(tiny_demo_config(num_train_steps=num_train_steps), workdir)
-print("RESULT " + json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
-                              "step": results["step"], "metrics": results.get("metrics"),
-                              "preempted": results.get("preempted", False)},
-                             default=train.json_default), flush=True)
+print(
+    "RESULT "
+    + json.dumps(
+        {
+            "process": jax.process_index(),
+            "devices": jax.device_count(),
+            "step": results["step"],
+            "metrics": results.get("metrics"),
+            "preempted": results.get("preempted", False),
+        },
+        default=train.json_default,
+    ),
+    flush=True,
+)

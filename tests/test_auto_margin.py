@@ -23,15 +23,40 @@ from adam_face import margins
 from configs import vggface2_adm, webface_adam_s30_m035
 
 # (step of 1500, acc, acc_margin at m = 0.3), from the run above.
-CURVE = np.array([
-    (50, 0.0203, 0.0006), (100, 0.0325, 0.0012), (150, 0.145, 0.0159), (200, 0.3084, 0.0344),
-    (250, 0.3375, 0.0403), (300, 0.4772, 0.0659), (350, 0.4697, 0.0694), (400, 0.545, 0.0972),
-    (450, 0.5997, 0.0997), (500, 0.59, 0.0984), (550, 0.7044, 0.1481), (600, 0.6972, 0.1397),
-    (650, 0.7475, 0.1694), (700, 0.7747, 0.1856), (750, 0.7534, 0.1587), (800, 0.8197, 0.2325),
-    (850, 0.8037, 0.2259), (900, 0.8419, 0.2409), (950, 0.8503, 0.2684), (1000, 0.8444, 0.2359),
-    (1050, 0.8722, 0.2856), (1100, 0.8647, 0.2816), (1150, 0.8775, 0.28), (1200, 0.8825, 0.3069),
-    (1250, 0.8772, 0.2975), (1300, 0.8925, 0.3203), (1350, 0.8831, 0.3119),
-    (1400, 0.8909, 0.3244), (1450, 0.8953, 0.3203), (1500, 0.8909, 0.3066)])
+CURVE = np.array(
+    [
+        (50, 0.0203, 0.0006),
+        (100, 0.0325, 0.0012),
+        (150, 0.145, 0.0159),
+        (200, 0.3084, 0.0344),
+        (250, 0.3375, 0.0403),
+        (300, 0.4772, 0.0659),
+        (350, 0.4697, 0.0694),
+        (400, 0.545, 0.0972),
+        (450, 0.5997, 0.0997),
+        (500, 0.59, 0.0984),
+        (550, 0.7044, 0.1481),
+        (600, 0.6972, 0.1397),
+        (650, 0.7475, 0.1694),
+        (700, 0.7747, 0.1856),
+        (750, 0.7534, 0.1587),
+        (800, 0.8197, 0.2325),
+        (850, 0.8037, 0.2259),
+        (900, 0.8419, 0.2409),
+        (950, 0.8503, 0.2684),
+        (1000, 0.8444, 0.2359),
+        (1050, 0.8722, 0.2856),
+        (1100, 0.8647, 0.2816),
+        (1150, 0.8775, 0.28),
+        (1200, 0.8825, 0.3069),
+        (1250, 0.8772, 0.2975),
+        (1300, 0.8925, 0.3203),
+        (1350, 0.8831, 0.3119),
+        (1400, 0.8909, 0.3244),
+        (1450, 0.8953, 0.3203),
+        (1500, 0.8909, 0.3066),
+    ]
+)
 CURVE_MARGIN = 0.3
 # VGGFace2's training set, about 3.1 M images (configs/recipes.py); a run counts its 20 epochs from
 # the prepared dataset's size. CASIA-WebFace's recipe is a fixed 32,000 steps.
@@ -42,8 +67,10 @@ def _table_rows():
   webface, vggface2 = webface_adam_s30_m035.get_config(), vggface2_adm.get_config()
   return {
       "webface_adam_s30_m035": (webface, webface.num_train_steps),
-      "vggface2_adm": (vggface2, vggface2.num_epochs * VGGFACE2_IMAGES
-                       // vggface2.global_batch_size),
+      "vggface2_adm": (
+          vggface2,
+          vggface2.num_epochs * VGGFACE2_IMAGES // vggface2.global_batch_size,
+      ),
   }
 
 
@@ -93,8 +120,7 @@ def test_the_previous_auto_margin_collapses_on_the_same_curve():
 
   def steer_from_step_zero(state, acc_margin):
     ema = momentum * state["acc_margin_ema"] + (1 - momentum) * acc_margin
-    return {"m": jnp.clip(state["m"] + rate * (ema - target), m_min, m_max),
-            "acc_margin_ema": ema}
+    return {"m": jnp.clip(state["m"] + rate * (ema - target), m_min, m_max), "acc_margin_ema": ema}
 
   start = {"m": jnp.float32(config.loss.m), "acc_margin_ema": jnp.float32(target)}
   ms = simulate(steer_from_step_zero, start, total_steps, config.global_batch_size)

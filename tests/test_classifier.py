@@ -18,8 +18,11 @@ MARGINS = {
     "sphereface": margins.SphereFace(s=16.0, m=4),
     "combined": margins.Combined(s=16.0, m1=1.0, m2=0.3, m3=0.2),
     "adm": margins.ADM(s=16.0, m=0.3),
-    "adam": margins.ADM(s=16.0, m=0.3, auto_margin=margins.AutoMargin(
-        target=0.01, rate=0.1, momentum=0.0, m_min=0.0, m_max=0.8)),
+    "adam": margins.ADM(
+        s=16.0,
+        m=0.3,
+        auto_margin=margins.AutoMargin(target=0.01, rate=0.1, momentum=0.0, m_min=0.0, m_max=0.8),
+    ),
     "subcenter_arcface": margins.SubcenterArcFace(s=16.0, m=0.4),
     "curricularface": margins.CurricularFace(s=16.0, m=0.4),
     "adaface": margins.AdaFace(s=16.0, m=0.4),
@@ -45,13 +48,16 @@ def _reference(centers, emb, labels, num_classes, margin, key=None):
   k = margin.centers_per_class
 
   def f(w, e):
-    w = w[:num_classes * k] / jnp.linalg.norm(w[:num_classes * k], axis=-1, keepdims=True)
+    w = w[: num_classes * k] / jnp.linalg.norm(w[: num_classes * k], axis=-1, keepdims=True)
     cos = margin.pool_class_cosines((e / jnp.linalg.norm(e, axis=-1, keepdims=True)) @ w.T)
     loss, metrics, state = losses.margin_softmax_loss(
-        cos, labels, margin, feature_norm=jnp.linalg.norm(e, axis=-1), key=key)
+        cos, labels, margin, feature_norm=jnp.linalg.norm(e, axis=-1), key=key
+    )
     return loss, (metrics, state)
+
   (loss, (metrics, state)), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
-      centers, emb)
+      centers, emb
+  )
   return loss, metrics, state, grads
 
 
@@ -63,10 +69,20 @@ def _sharded(mesh, centers, emb, labels, num_classes, margin, key=None, **kw):
   def f(w, e):
     def loss_fn(w, e):
       loss, metrics, state, sampled = classifier.margin_head_loss(
-          w, e, jnp.asarray(labels), margin, margin.init_state(), mesh=mesh,
-          num_classes=num_classes, key=key, **kw)
+          w,
+          e,
+          jnp.asarray(labels),
+          margin,
+          margin.init_state(),
+          mesh=mesh,
+          num_classes=num_classes,
+          key=key,
+          **kw,
+      )
       return loss, (metrics, state, sampled)
+
     return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(w, e)
+
   (loss, (metrics, state, sampled)), grads = f(centers, emb)
   return loss, metrics, grads, np.asarray(sampled), state
 
@@ -79,26 +95,30 @@ def test_sharded_head_matches_single_device_reference(mesh8, name, num_classes):
   key = jax.random.key(7)
   centers, emb, labels = _problem(num_classes, 8, centers_per_class=k)
   ref_loss, ref_metrics, ref_state, (ref_gw, ref_ge) = _reference(
-      centers, emb, labels, num_classes, margin, jax.random.split(key)[1])
-  loss, metrics, (gw, ge), sampled, state = _sharded(mesh8, centers, emb, labels, num_classes,
-                                                     margin, key)
+      centers, emb, labels, num_classes, margin, jax.random.split(key)[1]
+  )
+  loss, metrics, (gw, ge), sampled, state = _sharded(
+      mesh8, centers, emb, labels, num_classes, margin, key
+  )
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-5)
   for name_ in ("acc", "acc_margin"):
     assert float(metrics[name_]) == pytest.approx(float(ref_metrics[name_]))
   for name_, value in ref_metrics.items():  # The margin's own: margin, t, norm statistics.
     np.testing.assert_allclose(metrics[name_], value, rtol=1e-5, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state,
-               ref_state)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state, ref_state
+  )
   # The head hands back each row's target cosine (for the angle histogram).
-  w = centers.reshape(-1, k, D)[labels] / np.linalg.norm(centers.reshape(-1, k, D)[labels],
-                                                         axis=-1, keepdims=True)
+  w = centers.reshape(-1, k, D)[labels] / np.linalg.norm(
+      centers.reshape(-1, k, D)[labels], axis=-1, keepdims=True
+  )
   e = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
-  np.testing.assert_allclose(metrics["cos_target"], np.einsum("bd,bkd->bk", e, w).max(-1),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      metrics["cos_target"], np.einsum("bd,bkd->bk", e, w).max(-1), rtol=1e-5, atol=1e-6
+  )
   np.testing.assert_allclose(ge, ref_ge, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(gw[:num_classes * k], ref_gw[:num_classes * k], rtol=1e-5,
-                             atol=1e-5)
-  assert np.all(np.asarray(gw[num_classes * k:]) == 0), "padding classes must get no gradient"
+  np.testing.assert_allclose(gw[: num_classes * k], ref_gw[: num_classes * k], rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(gw[num_classes * k :]) == 0), "padding classes must get no gradient"
   assert sampled.all()
 
 
@@ -115,8 +135,9 @@ def test_sample_rate_one_equals_full_path_exactly(mesh8):
   # 0.99 of 10 centres per shard rounds up to all 10: the sampling code runs but keeps everything.
   centers, emb, labels = _problem(80, 8)
   full = _sharded(mesh8, centers, emb, labels, 80, MARGINS["arcface"])
-  sampled = _sharded(mesh8, centers, emb, labels, 80, MARGINS["arcface"], sample_rate=0.99,
-                     key=jax.random.key(3))
+  sampled = _sharded(
+      mesh8, centers, emb, labels, 80, MARGINS["arcface"], sample_rate=0.99, key=jax.random.key(3)
+  )
   assert float(full[0]) == float(sampled[0])
   np.testing.assert_array_equal(full[2][0], sampled[2][0])
   np.testing.assert_array_equal(full[2][1], sampled[2][1])
@@ -130,22 +151,32 @@ def test_partial_fc_keeps_every_positive_and_the_configured_count(mesh8):
   centers, emb, labels = _problem(num_classes, 8)
   for seed in range(3):
     loss, metrics, (gw, _), sampled, _ = _sharded(
-        mesh8, centers, emb, labels, num_classes, MARGINS["cosface"], sample_rate=rate,
-        key=jax.random.key(seed))
+        mesh8,
+        centers,
+        emb,
+        labels,
+        num_classes,
+        MARGINS["cosface"],
+        sample_rate=rate,
+        key=jax.random.key(seed),
+    )
     assert sampled[labels].all(), "every positive class must be sampled"
     np.testing.assert_array_equal(sampled.reshape(8, per_shard).sum(1), n)
     assert np.all(np.asarray(gw)[~sampled] == 0), "unsampled centres must get no gradient"
     # The sampled loss is exactly the full loss over the sampled classes alone.
     kept = np.flatnonzero(sampled)
-    ref_loss, _, _, _ = _reference(centers[kept], emb, np.searchsorted(kept, labels),
-                                   len(kept), MARGINS["cosface"])
+    ref_loss, _, _, _ = _reference(
+        centers[kept], emb, np.searchsorted(kept, labels), len(kept), MARGINS["cosface"]
+    )
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
 
 
 def test_keep_unsampled_rows_makes_the_optimiser_update_lazy(mesh8):
   """Each head (one per fused dataset) is restored with its own mask."""
-  params = {"head": ({"centers": jnp.ones((8, 2))}, {"centers": jnp.ones((4, 2))}),
-            "w": jnp.ones((8, 2))}
+  params = {
+      "head": ({"centers": jnp.ones((8, 2))}, {"centers": jnp.ones((4, 2))}),
+      "w": jnp.ones((8, 2)),
+  }
   tx = optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.5, momentum=0.9))
   opt_state = tx.init(params)
   sampled = (jnp.asarray([True, False] * 4), jnp.asarray([False, False, True, True]))
@@ -153,7 +184,8 @@ def test_keep_unsampled_rows_makes_the_optimiser_update_lazy(mesh8):
   updates, new_opt_state = tx.update(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)
   new_params, new_opt_state = classifier.keep_unsampled_rows(
-      (new_params, new_opt_state), (params, opt_state), sampled)
+      (new_params, new_opt_state), (params, opt_state), sampled
+  )
   for head, mask in enumerate(sampled):
     mask = np.asarray(mask)
     c = np.asarray(new_params["head"][head]["centers"])
@@ -173,8 +205,11 @@ def test_per_device_memory_of_head_is_one_eighth(mesh8):
     e_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
     def step(w, mom, e, y):
-      g = jax.grad(lambda w: classifier.margin_head_loss(
-          w, e, y, margins.ArcFace(), {}, mesh=mesh, num_classes=num_classes)[0])(w)
+      g = jax.grad(
+          lambda w: classifier.margin_head_loss(
+              w, e, y, margins.ArcFace(), {}, mesh=mesh, num_classes=num_classes
+          )[0]
+      )(w)
       upd, mom = tx.update(g, mom, w)
       return optax.apply_updates(w, upd), mom
 
@@ -198,12 +233,26 @@ def test_per_device_memory_of_head_is_one_eighth(mesh8):
 def test_bad_batch_and_missing_key_are_refused(mesh8):
   centers = classifier.init_centers(jax.random.key(0), 24, D, mesh8)
   with pytest.raises(ValueError, match="not divisible by the 8 devices"):
-    classifier.margin_head_loss(centers, jnp.zeros((12, D)), jnp.zeros(12, jnp.int32),
-                                margins.ArcFace(), {}, mesh=mesh8, num_classes=24)
+    classifier.margin_head_loss(
+        centers,
+        jnp.zeros((12, D)),
+        jnp.zeros(12, jnp.int32),
+        margins.ArcFace(),
+        {},
+        mesh=mesh8,
+        num_classes=24,
+    )
   big = classifier.init_centers(jax.random.key(0), 800, D, mesh8)
   with pytest.raises(ValueError, match="needs a key"):
-    classifier.margin_head_loss(big, jnp.zeros((16, D)), jnp.zeros(16, jnp.int32),
-                                margins.ArcFace(), {}, mesh=mesh8, num_classes=800,
-                                sample_rate=0.1)
+    classifier.margin_head_loss(
+        big,
+        jnp.zeros((16, D)),
+        jnp.zeros(16, jnp.int32),
+        margins.ArcFace(),
+        {},
+        mesh=mesh8,
+        num_classes=800,
+        sample_rate=0.1,
+    )
   with pytest.raises(ValueError, match="sample_rate"):
     classifier.num_sampled_per_shard(24, 8, 16, 0.0)

@@ -7,8 +7,9 @@ import pytest
 from adam_face import config_lib
 from fixtures_data import REPO_ROOT
 
-CONFIGS = sorted(p for p in (REPO_ROOT / "configs").glob("*.py")
-                 if p.stem not in ("__init__", "recipes"))
+CONFIGS = sorted(
+    p for p in (REPO_ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "recipes")
+)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -30,5 +31,10 @@ def test_each_results_table_row_has_a_config():
     assert f"webface_arcface_s{scale}_m05" in names
     assert f"vggface2_arcface_s{scale}_m03" in names
     assert f"webface_adm_s{scale}_m03" in names
-  assert {"vggface2_adm", "webface_adam_s30_m035", "webface_cosface", "webface_sphereface",
-          "demo"} <= names
+  assert {
+      "vggface2_adm",
+      "webface_adam_s30_m035",
+      "webface_cosface",
+      "webface_sphereface",
+      "demo",
+  } <= names

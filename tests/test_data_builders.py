@@ -12,7 +12,7 @@ from fixtures_data import encoded_image
 
 def test_missing_dataset_says_what_to_put_where(tmp_path):
   config = config_lib.default_dataset_config(
-    name="vggface2", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "empty")
+      name="vggface2", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "empty")
   )
   expected = r"(?s)/empty does not exist or is empty.*faces_vgg2_112x112 .*train\.rec"
   with pytest.raises(FileNotFoundError, match=expected):
@@ -31,18 +31,18 @@ def test_empty_dirs_mean_tfds_defaults(tmp_path, monkeypatch):
 
 def test_skipped_images_are_counted(tmp_path):
   for name, data in {
-    "a/1.jpg": encoded_image(0),
-    "a/2.jpg": encoded_image(1),
-    "b/1.jpg": encoded_image(2),
-    "b/2.jpg": b"garbage",
+      "a/1.jpg": encoded_image(0),
+      "a/2.jpg": encoded_image(1),
+      "b/1.jpg": encoded_image(2),
+      "b/2.jpg": b"garbage",
   }.items():
     (tmp_path / "tree" / name).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / "tree" / name).write_bytes(data)
   config = config_lib.default_dataset_config(
-    name="image_folder",
-    data_dir=str(tmp_path / "tfds"),
-    image_size=8,
-    builder_kwargs={"root": str(tmp_path / "tree")},
+      name="image_folder",
+      data_dir=str(tmp_path / "tfds"),
+      image_size=8,
+      builder_kwargs={"root": str(tmp_path / "tree")},
   )
   info = data_builders.dataset_info(config)
   assert (info["num_classes"], info["num_examples"], info["num_skipped_images"]) == (2, 3, 1)

@@ -30,7 +30,7 @@ from fixtures_data import write_recordio
 def prepare(name, data_dir, manual_dir=None, **kwargs):
   builder = tfds.builder(name, data_dir=data_dir, try_gcs=False, **kwargs)
   builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
   )
   return builder
 
@@ -64,7 +64,7 @@ def recordio_manual_dir(tmp_path_factory):
   records[1] = payload + b"\x00" * ((-len(payload)) % 4) + MAGIC_WORD + b"tail"
   assert encode_record(records[1]).count(MAGIC_WORD) == 2  # It is split in two parts.
   records.update(
-    {7: image_payload([1, 3], b""), 8: image_payload([3, 5], b""), 9: image_payload([5, 7], b"")}
+      {7: image_payload([1, 3], b""), 8: image_payload([3, 5], b""), 9: image_payload([5, 7], b"")}
   )
   write_recordio(root / "train.rec", root / "train.idx", records)
   (root / "property").write_text("3,112,112")
@@ -82,7 +82,7 @@ def test_recordio_builder(recordio_builder, recordio_manual_dir):
   assert info.splits["train"].num_examples == 5
   assert info.metadata["num_skipped_images"] == {"train": 1}
   assert info.metadata["skipped_images"] == {
-    "train": [f"{recordio_manual_dir / 'train.rec'} record 3"]
+      "train": [f"{recordio_manual_dir / 'train.rec'} record 3"]
   }
   rows = examples(recordio_builder)
   assert sorted(r["label"] for r in rows) == [0, 0, 1, 2, 2]
@@ -93,13 +93,13 @@ def test_recordio_label_outside_num_classes_is_refused(tmp_path):
   manual = tmp_path / "manual"
   manual.mkdir()
   write_recordio(
-    manual / "train.rec",
-    manual / "train.idx",
-    {
-      0: meta_payload(2, 2),
-      1: image_payload(0, encoded_image(0)),
-      2: image_payload(2, encoded_image(1)),
-    },
+      manual / "train.rec",
+      manual / "train.idx",
+      {
+          0: meta_payload(2, 2),
+          1: image_payload(0, encoded_image(0)),
+          2: image_payload(2, encoded_image(1)),
+      },
   )
   (manual / "property").write_text("2,112,112")
   with pytest.raises(ValueError, match=r"record 2: label 2.0 is not a class in \[0, 2\)"):
@@ -145,7 +145,7 @@ def test_vggface2_folder_release_aligns_with_landmarks(tmp_path_factory, data_di
     (manual / "train" / identity).mkdir(parents=True)
     for n in (1, 2):
       (manual / "train" / identity / f"000{n}_01.jpg").write_bytes(
-        encoded_image(n, size=(180, 220))
+          encoded_image(n, size=(180, 220))
       )
       if (identity, n) != ("n000010", 2):
         points = alignment.ARCFACE_TEMPLATE_112 * 1.5 + [10, 20]
@@ -161,8 +161,8 @@ def test_vggface2_folder_release_aligns_with_landmarks(tmp_path_factory, data_di
 def test_landmark_table(tmp_path):
   path = tmp_path / "landmarks.csv"
   path.write_text(
-    "NAME_ID,P1X,P1Y,P2X,P2Y,P3X,P3Y,P4X,P4Y,P5X,P5Y\n"
-    "n2/0002_01,1,2,3,4,5,6,7,8,9,10\nn1/0001_01,0,0,0,0,0,0,0,0,0,1\n"
+      "NAME_ID,P1X,P1Y,P2X,P2Y,P3X,P3Y,P4X,P4Y,P5X,P5Y\n"
+      "n2/0002_01,1,2,3,4,5,6,7,8,9,10\nn1/0001_01,0,0,0,0,0,0,0,0,0,1\n"
   )
   table = vggface2.LandmarkTable(path)
   np.testing.assert_array_equal(table.get("n2/0002_01"), np.arange(1, 11).reshape(5, 2))
@@ -180,7 +180,7 @@ def test_alignment_maps_landmarks_onto_the_template():
   src = alignment.ARCFACE_TEMPLATE_112
   dst = src @ (scale * rotation).T + shift
   np.testing.assert_allclose(
-    alignment.similarity_transform(src, dst), np.c_[scale * rotation, shift], atol=1e-9
+      alignment.similarity_transform(src, dst), np.c_[scale * rotation, shift], atol=1e-9
   )
   # Bright dots drawn at landmarks in a big rotated face land on the template after alignment.
   landmarks = (src - 56) @ (2.0 * rotation).T + [150, 160]
@@ -203,13 +203,13 @@ def mixed_tree(tmp_path_factory):
   file, a text file, an empty identity folder."""
   root = tmp_path_factory.mktemp("tree")
   files = {
-    "s10/a.jpg": encoded_image(0, (64, 48)),
-    "s10/b.png": encoded_image(1, (30, 40), mode="L", fmt="PNG"),
-    "s2/1.pgm": encoded_image(2, (92, 112), mode="L", fmt="PPM"),
-    "s2/2.jpg": encoded_image(3, (16, 16)),
-    "s2/notes.txt": b"not an image",
-    "bob/x.jpg": b"\xff\xd8 truncated",
-    "bob/y.bmp": encoded_image(4, (20, 20), fmt="BMP"),
+      "s10/a.jpg": encoded_image(0, (64, 48)),
+      "s10/b.png": encoded_image(1, (30, 40), mode="L", fmt="PNG"),
+      "s2/1.pgm": encoded_image(2, (92, 112), mode="L", fmt="PPM"),
+      "s2/2.jpg": encoded_image(3, (16, 16)),
+      "s2/notes.txt": b"not an image",
+      "bob/x.jpg": b"\xff\xd8 truncated",
+      "bob/y.bmp": encoded_image(4, (20, 20), fmt="BMP"),
   }
   for name, data in files.items():
     (root / name).parent.mkdir(exist_ok=True)
@@ -292,7 +292,7 @@ def test_verification_bin(verification_manual_dir, data_dir):
   builder = prepare("face_verification/lfw", data_dir, verification_manual_dir)
   rows = examples(builder, "test")
   assert builder.info.metadata["skipped_images"] == {
-    "test": [f"{verification_manual_dir / 'lfw.bin'} image 15"]
+      "test": [f"{verification_manual_dir / 'lfw.bin'} image 15"]
   }
   # Source order is kept; pair 7 (image 15) is gone; 20 pairs made 10 folds of 2.
   kept = [i for i in range(20) if i != 7]
@@ -317,7 +317,7 @@ def test_verification_bin_is_checked(tmp_path, verification_manual_dir, data_dir
   with pytest.raises(ValueError, match="3 images for 2 pairs"):
     face_verification.load_pair_bin(odd)
   assert face_verification.consecutive_folds(23, 10).tolist() == (
-    [0] * 3 + [1] * 3 + [2] * 3 + sum(([f] * 2 for f in range(3, 10)), [])
+      [0] * 3 + [1] * 3 + [2] * 3 + sum(([f] * 2 for f in range(3, 10)), [])
   )
 
 
@@ -337,16 +337,19 @@ def test_verification_bin_of_every_python3_protocol(tmp_path, protocol):
 
 
 @pytest.mark.parametrize(
-  "payload, message",
-  [
-    (b"c_codecs\nencode\n(Vabc\nVrot13\ntR.", r"encode\(str, 'latin1'\).* encode\(str, 'rot13'\)"),
-    (b"c_codecs\nencode\n(C\x03abcVzlib_codec\ntR.", r"got encode\(bytes, 'zlib_codec'\)"),
-    (b"c__builtin__\nbytes\n(I1000000000\ntR.", r"only as bytes\(\)"),
-    (b"c_codecs\ndecode\n(C\x03abcVlatin1\ntR.", r"_codecs.decode is not allowed"),
-  ],
+    "payload, message",
+    [
+        (
+            b"c_codecs\nencode\n(Vabc\nVrot13\ntR.",
+            r"encode\(str, 'latin1'\).* encode\(str, 'rot13'\)",
+        ),
+        (b"c_codecs\nencode\n(C\x03abcVzlib_codec\ntR.", r"got encode\(bytes, 'zlib_codec'\)"),
+        (b"c__builtin__\nbytes\n(I1000000000\ntR.", r"only as bytes\(\)"),
+        (b"c_codecs\ndecode\n(C\x03abcVlatin1\ntR.", r"_codecs.decode is not allowed"),
+    ],
 )
 def test_verification_bin_allows_the_bytes_globals_only_as_pickle_calls_them(
-  tmp_path, payload, message
+    tmp_path, payload, message
 ):
   evil = tmp_path / "evil.bin"
   evil.write_bytes(payload)
@@ -362,8 +365,8 @@ def test_lfw_original_layout(tmp_path_factory):
     for i in range(1, n + 1):
       (manual / "lfw" / name / f"{name}_{i:04d}.jpg").write_bytes(encoded_image(i, (250, 250)))
   (manual / "pairs.txt").write_text(
-    "2\t2\nAlice_Smith\t1\t2\nBob\t1\t2\nAlice_Smith\t1\tBob\t1\nBob\t2\tCarol\t1\n"
-    "Alice_Smith\t2\t3\nCarol\t1\t2\nCarol\t2\tAlice_Smith\t3\nBob\t1\tCarol\t2\n"
+      "2\t2\nAlice_Smith\t1\t2\nBob\t1\t2\nAlice_Smith\t1\tBob\t1\nBob\t2\tCarol\t1\n"
+      "Alice_Smith\t2\t3\nCarol\t1\t2\nCarol\t2\tAlice_Smith\t3\nBob\t1\tCarol\t2\n"
   )
   builder = prepare("face_verification/lfw", tmp_path_factory.mktemp("tfds"), manual)
   rows = examples(builder, "test")
@@ -378,11 +381,11 @@ def test_lfw_original_layout(tmp_path_factory):
 # ------------------------------------------------------------------------------ synthetic_faces
 
 SMALL_SYNTHETIC = dict(
-  num_identities=6,
-  images_per_identity=3,
-  num_heldout_identities=3,
-  heldout_images_per_identity=2,
-  image_size=24,
+    num_identities=6,
+    images_per_identity=3,
+    num_heldout_identities=3,
+    heldout_images_per_identity=2,
+    image_size=24,
 )
 
 
@@ -413,17 +416,17 @@ def test_synthetic_identity_is_learnable_but_not_from_raw_pixels():
   identities (a linear stand-in for a trained network) does much better."""
   size, train_ids, heldout_ids = 16, 60, 12
   x_train = np.array(
-    [im for i in range(train_ids) for im in synthetic_faces.identity_images(0, i, 8, size)],
-    np.float64,
+      [im for i in range(train_ids) for im in synthetic_faces.identity_images(0, i, 8, size)],
+      np.float64,
   )
   y_train = np.repeat(np.arange(train_ids), 8)
   x_test = np.array(
-    [
-      im
-      for i in range(train_ids, train_ids + heldout_ids)
-      for im in synthetic_faces.identity_images(0, i, 6, size)
-    ],
-    np.float64,
+      [
+          im
+          for i in range(train_ids, train_ids + heldout_ids)
+          for im in synthetic_faces.identity_images(0, i, 6, size)
+      ],
+      np.float64,
   )
   y_test = np.repeat(np.arange(heldout_ids), 6)
   x_train, x_test = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
@@ -460,7 +463,7 @@ def test_make_pairs_all_and_sampled():
   chosen = pairs.make_pairs(identities)
   assert chosen["is_same"].sum() == 450 and (~chosen["is_same"]).sum() == 4500
   np.testing.assert_array_equal(
-    identities[chosen["index_a"]] == identities[chosen["index_b"]], chosen["is_same"]
+      identities[chosen["index_a"]] == identities[chosen["index_b"]], chosen["is_same"]
   )
   assert len({(a, b) for a, b in zip(chosen["index_a"], chosen["index_b"])}) == 4950
   for fold in range(10):

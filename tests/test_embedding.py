@@ -26,16 +26,18 @@ def projection():
 
 @pytest.fixture(scope="module")
 def toy_images():
-  return np.random.default_rng(1).integers(0, 256, size=(21,) + toy_embeddings.IMAGE_SHAPE,
-                                           dtype=np.uint8)
+  return np.random.default_rng(1).integers(
+      0, 256, size=(21,) + toy_embeddings.IMAGE_SHAPE, dtype=np.uint8
+  )
 
 
 @pytest.mark.parametrize("flip", embedding.FLIP_MODES)
 def test_compute_embeddings_pads_the_last_batch_and_flips(mesh, projection, toy_images, flip):
   embed_fn = jax.tree_util.Partial(toy_embeddings.toy_embed, jnp.asarray(projection))
   # 21 images in batches of 8: the third batch holds 5 images and 3 padding rows.
-  embeddings = embedding.compute_embeddings(embed_fn, toy_images, batch_size=8, mesh=mesh,
-                                            flip=flip)
+  embeddings = embedding.compute_embeddings(
+      embed_fn, toy_images, batch_size=8, mesh=mesh, flip=flip
+  )
   expected = toy_embeddings.reference_embeddings(projection, toy_images, flip)
   assert embeddings.shape == expected.shape == (21, 10 if flip == "concat" else 5)
   assert embeddings.dtype == np.float32
@@ -44,11 +46,15 @@ def test_compute_embeddings_pads_the_last_batch_and_flips(mesh, projection, toy_
 
 def test_compute_embeddings_takes_plain_closures(mesh, projection, toy_images):
   embeddings = embedding.compute_embeddings(
-      lambda images: toy_embeddings.toy_embed(jnp.asarray(projection), images), toy_images[:3],
-      batch_size=16, mesh=mesh, flip="none")
+      lambda images: toy_embeddings.toy_embed(jnp.asarray(projection), images),
+      toy_images[:3],
+      batch_size=16,
+      mesh=mesh,
+      flip="none",
+  )
   np.testing.assert_allclose(
-      embeddings, toy_embeddings.reference_embeddings(projection, toy_images[:3], "none"),
-      atol=2e-5)
+      embeddings, toy_embeddings.reference_embeddings(projection, toy_images[:3], "none"), atol=2e-5
+  )
 
 
 def test_compute_embeddings_rejects_bad_input(mesh, toy_images):
@@ -62,5 +68,6 @@ def test_compute_embeddings_rejects_bad_input(mesh, toy_images):
   with pytest.raises(ValueError, match=r"to \[b, D\] embeddings"):
     embedding.compute_embeddings(lambda images: images, toy_images, batch_size=8, mesh=mesh)
   with pytest.raises(ValueError, match="zero or non-finite norm .first at image 0"):
-    embedding.compute_embeddings(lambda images: jnp.zeros((images.shape[0], 2)), toy_images,
-                                 batch_size=8, mesh=mesh)
+    embedding.compute_embeddings(
+        lambda images: jnp.zeros((images.shape[0], 2)), toy_images, batch_size=8, mesh=mesh
+    )

@@ -33,8 +33,14 @@ def folder_tree(tmp_path_factory):
 
 def _fused_config(folder_tree, **overrides):
   config = tiny_demo_config(**overrides)
-  config.extra_datasets = ({"name": "image_folder", "weight": 1.0, "shuffle_buffer": 24,
-                            "builder_kwargs": {"root": str(folder_tree)}},)
+  config.extra_datasets = (
+      {
+          "name": "image_folder",
+          "weight": 1.0,
+          "shuffle_buffer": 24,
+          "builder_kwargs": {"root": str(folder_tree)},
+      },
+  )
   return config
 
 
@@ -43,14 +49,17 @@ def test_fused_batches_split_back_into_each_datasets_own_stream(folder_tree, mes
   datasets = config_lib.training_datasets(config)
   sizes = config_lib.dataset_batch_sizes(config)
   assert sizes == (16, 16) and datasets[1].image_size == config.dataset.image_size
-  fused = train_input.create_fused_train_iterator(datasets, batch_sizes=sizes, seed=3,
-                                                     start_step=2)
-  alone = [train_input.create_train_iterator(
-      dataset, global_batch_size=16, seed=train_input.dataset_seed(3, k), start_step=2)
-            for k, dataset in enumerate(datasets)]
+  fused = train_input.create_fused_train_iterator(datasets, batch_sizes=sizes, seed=3, start_step=2)
+  alone = [
+      train_input.create_train_iterator(
+          dataset, global_batch_size=16, seed=train_input.dataset_seed(3, k), start_step=2
+      )
+      for k, dataset in enumerate(datasets)
+  ]
   batch = next(fused)
-  on_devices = jax.device_put(batch["label"],
-                              jax.sharding.NamedSharding(mesh8, jax.sharding.PartitionSpec("data")))
+  on_devices = jax.device_put(
+      batch["label"], jax.sharding.NamedSharding(mesh8, jax.sharding.PartitionSpec("data"))
+  )
   split = jax.jit(lambda x: train_input.split_by_dataset(x, sizes, mesh8.size))
   for part, stream in zip(split(on_devices), alone):
     np.testing.assert_array_equal(np.asarray(part), next(stream)["label"])
@@ -67,8 +76,14 @@ def test_each_dataset_draws_its_own_stream():
 
 def _heads_loss(mesh, centers, embeddings, labels, heads):
   return train_step.fused_margin_loss(
-      centers, [{}] * len(heads), embeddings, labels,
-      list(jax.random.split(jax.random.key(0), len(heads))), heads=heads, mesh=mesh)
+      centers,
+      [{}] * len(heads),
+      embeddings,
+      labels,
+      list(jax.random.split(jax.random.key(0), len(heads))),
+      heads=heads,
+      mesh=mesh,
+  )
 
 
 def test_one_person_under_two_labels_gets_no_conflicting_gradient(mesh8):
@@ -100,10 +115,10 @@ def test_one_person_under_two_labels_gets_no_conflicting_gradient(mesh8):
     _, (dataset_losses, *_) = _heads_loss(mesh8, heads, emb, labels, two_heads)
     return dataset_losses[0], dataset_losses[1]
 
-  centers = tuple({"centers": jax.device_put(h, classifier.centers_sharding(mesh8))}
-                  for h in heads)
-  (grad_a_heads, grad_a_emb) = jax.jit(jax.grad(lambda h, e: a_rows_only(h, e)[0],
-                                                argnums=(0, 1)))(centers, embeddings)
+  centers = tuple({"centers": jax.device_put(h, classifier.centers_sharding(mesh8))} for h in heads)
+  grad_a_heads, grad_a_emb = jax.jit(jax.grad(lambda h, e: a_rows_only(h, e)[0], argnums=(0, 1)))(
+      centers, embeddings
+  )
   grad_b_emb = jax.jit(jax.grad(lambda e: a_rows_only(centers, e)[1]))(embeddings)
   assert np.all(np.asarray(grad_a_heads[1]["centers"]) == 0.0), "A's rows never reach B's head"
   assert np.any(np.asarray(grad_a_heads[0]["centers"])[3] != 0.0)
@@ -114,8 +129,9 @@ def test_one_person_under_two_labels_gets_no_conflicting_gradient(mesh8):
   # One merged label space: B's classes follow A's. Only P's image in A is left non-zero (a zero
   # embedding gives the centres no gradient), so the centre gradients below come from it alone.
   merged_labels = jax.device_put(jnp.where(jnp.arange(16) % 2 == 1, labels + 8, labels), batch)
-  merged_heads = ({"centers": jax.device_put(np.concatenate(heads),
-                                             classifier.centers_sharding(mesh8))},)
+  merged_heads = (
+      {"centers": jax.device_put(np.concatenate(heads), classifier.centers_sharding(mesh8))},
+  )
 
   def merged_loss(heads, emb):
     merged_head = train_step.Head("ab", 16, 16, arcface)
@@ -138,7 +154,9 @@ def test_fusion_config_errors_name_the_problem(folder_tree):
   config.extra_datasets = ({"name": "image_folder", "weight": 3.0},)  # 8 + 24 images.
   config_lib.validate_config(config)
   config_lib.validate_for_mesh(config, 8, 1)
-  with pytest.raises(ValueError, match=r"synthetic_faces's share of the batch.*=8 is not divisible"):
+  with pytest.raises(
+      ValueError, match=r"synthetic_faces's share of the batch.*=8 is not divisible"
+  ):
     config_lib.validate_for_mesh(config, 16, 1)
   config.extra_datasets = ({"name": "synthetic_faces"},)
   with pytest.raises(ValueError, match="repeat a name"):
@@ -163,7 +181,8 @@ def _scalars(workdir):
         for value in event.summary.value:
           if value.HasField("tensor") and not value.tensor.tensor_shape.dim:
             scalars.setdefault(value.tag, []).append(
-                (event.step, float(tf.make_ndarray(value.tensor))))
+                (event.step, float(tf.make_ndarray(value.tensor)))
+            )
   return scalars
 
 
@@ -174,9 +193,13 @@ def test_synthetic_and_orl_train_together(orl_dir, tmp_path):
   auto-margin, and both verification sets are evaluated."""
   del orl_dir  # Only to skip where the ORL faces are absent.
   fusion = demo_fusion.get_config()
-  config = tiny_demo_config(global_batch_size=32, num_train_steps=40, log_every_steps=10,
-                            checkpoint_every_steps=40, **{"verification.batch_size": 256,
-                                                          "verification.eval_every_steps": 40})
+  config = tiny_demo_config(
+      global_batch_size=32,
+      num_train_steps=40,
+      log_every_steps=10,
+      checkpoint_every_steps=40,
+      **{"verification.batch_size": 256, "verification.eval_every_steps": 40},
+  )
   config.extra_datasets, config.verification.sets = fusion.extra_datasets, fusion.verification.sets
   workdir = str(tmp_path)
   results = train.train_and_evaluate(config, workdir)
@@ -203,9 +226,14 @@ def test_synthetic_and_orl_train_together(orl_dir, tmp_path):
 def test_fused_step_with_partial_fc_and_running_statistics_per_head(mesh8):
   """CurricularFace (running statistic t per head) with Partial FC sampling on two heads: each
   head keeps its own t, and each head's unsampled centres stay exactly as they were."""
-  config = tiny_demo_config(**{"loss": margins.loss_config("curricularface", m=0.5),
-                               "head.sample_rate": 0.25, "global_batch_size": 32,
-                               "optimizer.warmup_steps": 0})
+  config = tiny_demo_config(
+      **{
+          "loss": margins.loss_config("curricularface", m=0.5),
+          "head.sample_rate": 0.25,
+          "global_batch_size": 32,
+          "optimizer.warmup_steps": 0,
+      }
+  )
   config.extra_datasets = ({"name": "image_folder", "weight": 1.0},)
   num_classes = (16, 512)  # Head 1 samples 16 of its 64 centres per shard and step.
   model = train.models.create_model("tiny", embedding_dim=config.model.embedding_dim)
@@ -214,9 +242,10 @@ def test_fused_step_with_partial_fc_and_running_statistics_per_head(mesh8):
   # Device-major: each device holds 2 rows of dataset 0 (labels < 16), then 2 of dataset 1.
   labels = np.stack([rng.integers(0, 16, (8, 2)), rng.integers(0, 512, (8, 2))], axis=1)
   batch_sharding = jax.sharding.NamedSharding(mesh8, jax.sharding.PartitionSpec("data"))
-  batch = {"image": jax.device_put(rng.normal(size=(32, 32, 32, 3)).astype(np.float32),
-                                   batch_sharding),
-           "label": jax.device_put(labels.reshape(32).astype(np.int32), batch_sharding)}
+  batch = {
+      "image": jax.device_put(rng.normal(size=(32, 32, 32, 3)).astype(np.float32), batch_sharding),
+      "label": jax.device_put(labels.reshape(32).astype(np.int32), batch_sharding),
+  }
   step = jax.jit(train_step.train_step, in_shardings=(shardings, batch_sharding))
   before = jax.device_get(state.params["head"])
   new_state, metrics = step(state, batch)
@@ -241,5 +270,6 @@ def test_synthetic_pairs_come_from_the_trained_synthetic_build(folder_tree):
   config.dataset.name, config.dataset.builder_kwargs = "image_folder", {"root": str(folder_tree)}
   pairs = train.load_verification_sets(config, names=("synthetic",))["synthetic"]
   heldout = TINY_DATA["num_heldout_identities"] * math.comb(
-      TINY_DATA["heldout_images_per_identity"], 2)
+      TINY_DATA["heldout_images_per_identity"], 2
+  )
   assert pairs["is_same"].sum() == heldout and len(pairs["is_same"]) == 2 * heldout

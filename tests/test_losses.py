@@ -41,8 +41,7 @@ def _ref_target(cos, kind, s, m):
     elif kind == "adm":
       v = 1 - 2 * (theta + m) / math.pi
     else:
-      m1, m2, m3 = {"arcface": (1.0, m, 0.0), "sphereface": (m, 0.0, 0.0),
-                    "combined": m}[kind]
+      m1, m2, m3 = {"arcface": (1.0, m, 0.0), "sphereface": (m, 0.0, 0.0), "combined": m}[kind]
       phi = m1 * theta + m2
       k = int(phi // math.pi)
       v = (-1) ** k * math.cos(phi) - 2 * k - m3
@@ -78,17 +77,23 @@ def test_specific_values_by_hand():
   s = 64.0
   c = jnp.asarray([0.5], jnp.float32)  # theta = pi/3
   np.testing.assert_allclose(target_logits(margins.CosFace(s=s, m=0.35), c), [64 * 0.15], rtol=1e-6)
-  np.testing.assert_allclose(target_logits(margins.ArcFace(s=s, m=0.5), c),
-                             [64 * math.cos(math.pi / 3 + 0.5)], rtol=1e-5)
-  np.testing.assert_allclose(target_logits(margins.ADM(s=s, m=0.3), c),
-                             [64 * (1 - 2 * (math.pi / 3 + 0.3) / math.pi)], rtol=1e-5)
+  np.testing.assert_allclose(
+      target_logits(margins.ArcFace(s=s, m=0.5), c), [64 * math.cos(math.pi / 3 + 0.5)], rtol=1e-5
+  )
+  np.testing.assert_allclose(
+      target_logits(margins.ADM(s=s, m=0.3), c),
+      [64 * (1 - 2 * (math.pi / 3 + 0.3) / math.pi)],
+      rtol=1e-5,
+  )
   # SphereFace m=4 at theta=pi/3: k = floor(4/3) = 1, psi = -cos(4pi/3) - 2 = 0.5 - 2.
-  np.testing.assert_allclose(target_logits(margins.SphereFace(s=s, m=4), c), [64 * (0.5 - 2)],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      target_logits(margins.SphereFace(s=s, m=4), c), [64 * (0.5 - 2)], rtol=1e-5
+  )
   # ArcFace past the fall-back point: theta = pi - 0.2, m = 0.5 -> phi = pi + 0.3, k = 1.
   c2 = jnp.asarray([math.cos(math.pi - 0.2)], jnp.float32)
-  np.testing.assert_allclose(target_logits(margins.ArcFace(s=1.0, m=0.5), c2),
-                             [-math.cos(math.pi + 0.3) - 2], rtol=1e-5)
+  np.testing.assert_allclose(
+      target_logits(margins.ArcFace(s=1.0, m=0.5), c2), [-math.cos(math.pi + 0.3) - 2], rtol=1e-5
+  )
 
 
 @pytest.mark.parametrize("kind,m", ALL_KINDS)
@@ -98,8 +103,9 @@ def test_loss_matches_numpy_reference(kind, m):
   cos[0, 3] = 1.0
   cos[1, 0] = -1.0
   labels = np.array([3, 0, 5, 10, 2, 7])
-  loss, metrics, _ = losses.margin_softmax_loss(jnp.asarray(cos), jnp.asarray(labels),
-                                                _margin(kind, 16.0, m))
+  loss, metrics, _ = losses.margin_softmax_loss(
+      jnp.asarray(cos), jnp.asarray(labels), _margin(kind, 16.0, m)
+  )
   ref_loss, ref_logits = _ref_loss(cos, labels, kind, 16.0, m)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   assert float(metrics["acc"]) == pytest.approx(np.mean(cos.argmax(1) == labels))
@@ -116,16 +122,22 @@ def test_nontarget_columns_carry_no_margin():
 # --------------------------------------------------------------------------- reductions
 
 
-@pytest.mark.parametrize("combined,single,m", [
-    ((1.0, 0.5, 0.0), "arcface", 0.5),
-    ((1.0, 0.0, 0.35), "cosface", 0.35),
-    ((4.0, 0.0, 0.0), "sphereface", 4),
-])
+@pytest.mark.parametrize(
+    "combined,single,m",
+    [
+        ((1.0, 0.5, 0.0), "arcface", 0.5),
+        ((1.0, 0.0, 0.35), "cosface", 0.35),
+        ((4.0, 0.0, 0.0), "sphereface", 4),
+    ],
+)
 def test_combined_reduces_to_each_single_margin(combined, single, m):
   cos = jnp.asarray(np.cos(np.linspace(0, math.pi, 97)), jnp.float32)
   np.testing.assert_allclose(
       target_logits(_margin("combined", 30.0, combined), cos),
-      target_logits(_margin(single, 30.0, m), cos), rtol=1e-6, atol=1e-5)
+      target_logits(_margin(single, 30.0, m), cos),
+      rtol=1e-6,
+      atol=1e-5,
+  )
 
 
 @pytest.mark.parametrize("kind,m", ALL_KINDS)
@@ -143,8 +155,10 @@ def test_target_logit_never_increases_with_theta(kind, m):
 
 @hypothesis.settings(max_examples=60, deadline=None)
 @hypothesis.given(
-    c=st.floats(-1.0, 1.0), s=st.floats(1.0, 128.0),
-    kind_m=st.sampled_from(ADDITIVE + [("sphereface", 3), ("combined", (1.2, 0.4, 0.1))]))
+    c=st.floats(-1.0, 1.0),
+    s=st.floats(1.0, 128.0),
+    kind_m=st.sampled_from(ADDITIVE + [("sphereface", 3), ("combined", (1.2, 0.4, 0.1))]),
+)
 def test_property_finite_gradient_anywhere_in_range(c, s, kind_m):
   kind, m = kind_m
   margin = _margin(kind, s, m)
@@ -155,8 +169,9 @@ def test_property_finite_gradient_anywhere_in_range(c, s, kind_m):
 
 def test_margin_logits_value_exact_at_cos_one():
   # The arccos used by adm is exact at the ends, only its derivative is bounded.
-  logits, _ = losses.margin_logits(jnp.asarray([[1.0, -1.0]]), jnp.asarray([1]),
-                                   margins.ADM(s=64.0, m=0.0))
+  logits, _ = losses.margin_logits(
+      jnp.asarray([[1.0, -1.0]]), jnp.asarray([1]), margins.ADM(s=64.0, m=0.0)
+  )
   np.testing.assert_allclose(logits, [[64.0, -64.0]], atol=1e-4)
 
 
@@ -164,8 +179,11 @@ def test_margin_logits_value_exact_at_cos_one():
 
 
 @hypothesis.settings(max_examples=40, deadline=None)
-@hypothesis.given(seed=st.integers(0, 10_000), m=st.floats(0.0, 1.0),
-                  kind=st.sampled_from(["cosface", "arcface", "adm"]))
+@hypothesis.given(
+    seed=st.integers(0, 10_000),
+    m=st.floats(0.0, 1.0),
+    kind=st.sampled_from(["cosface", "arcface", "adm"]),
+)
 def test_acc_margin_never_exceeds_acc_for_nonnegative_margin(seed, m, kind):
   rng = np.random.default_rng(seed)
   cos = jnp.asarray(rng.uniform(-1, 1, (32, 9)), jnp.float32)
@@ -186,12 +204,14 @@ def test_acc_margin_equals_acc_at_zero_margin(kind):
 def test_acc_margin_counts_rows_whose_argmax_survives():
   # NormFace at s = 5 turns cos = logits / 5 back into exactly these logits.
   logits = jnp.asarray([[3.0, 1.0], [0.0, 2.0], [5.0, 4.0], [1.0, 0.0]])
-  _, metrics, _ = losses.margin_softmax_loss(logits / 5.0, jnp.asarray([0, 1, 1, 1]),
-                                             margins.NormFace(s=5.0))
+  _, metrics, _ = losses.margin_softmax_loss(
+      logits / 5.0, jnp.asarray([0, 1, 1, 1]), margins.NormFace(s=5.0)
+  )
   assert float(metrics["acc_margin"]) == 0.5
   # With a margin: row 1's target 0.35 - 0.1 falls below its 0.3, row 0's 0.6 - 0.1 does not.
-  _, metrics, _ = losses.margin_softmax_loss(jnp.asarray([[0.6, 0.2], [0.3, 0.35]]),
-                                             jnp.asarray([0, 1]), margins.CosFace(s=8.0, m=0.1))
+  _, metrics, _ = losses.margin_softmax_loss(
+      jnp.asarray([[0.6, 0.2], [0.3, 0.35]]), jnp.asarray([0, 1]), margins.CosFace(s=8.0, m=0.1)
+  )
   assert float(metrics["acc"]) == 1.0 and float(metrics["acc_margin"]) == 0.5
 
 
@@ -200,8 +220,11 @@ def test_acc_margin_counts_rows_whose_argmax_survives():
 
 def test_bad_inputs_raise_clear_errors():
   cos = jnp.zeros((2, 3))
-  with pytest.raises(ValueError, match=r"Unknown loss kind 'arcfce'\. Did you mean 'arcface'\?"
-                                       r" Valid kinds: normface, cosface, arcface"):
+  with pytest.raises(
+      ValueError,
+      match=r"Unknown loss kind 'arcfce'\. Did you mean 'arcface'\?"
+      r" Valid kinds: normface, cosface, arcface",
+  ):
     margins.from_config({"kind": "arcfce", "s": 1.0, "m": 0.5})
   with pytest.raises(ValueError, match=r"Labels must lie in \[0, 3\)"):
     losses.margin_logits(cos, jnp.asarray([0, 3]), margins.ArcFace(s=1.0, m=0.5))
@@ -209,7 +232,9 @@ def test_bad_inputs_raise_clear_errors():
     losses.margin_logits(cos, jnp.asarray([-1, 0]), margins.ArcFace(s=1.0, m=0.5))
   with pytest.raises(ValueError, match=r"Labels must lie in \[0, 3\)"):
     losses.margin_softmax_loss(cos, jnp.asarray([0, 3]), margins.ArcFace(s=1.0, m=0.5))
-  with pytest.raises(ValueError, match=r"cosface: margin m must be in \[0, 1\] \(the paper uses 0.35\), got 1.5"):
+  with pytest.raises(
+      ValueError, match=r"cosface: margin m must be in \[0, 1\] \(the paper uses 0.35\), got 1.5"
+  ):
     margins.CosFace(s=1.0, m=1.5)
   with pytest.raises(ValueError, match="arcface: margin m must be in"):
     margins.ArcFace(m=-1)
@@ -232,27 +257,41 @@ def test_bad_inputs_raise_clear_errors():
 def test_unknown_config_fields_are_named_with_a_suggestion():
   config = margins.loss_config("arcface")
   config.mm = 0.3
-  with pytest.raises(ValueError, match=r"Unknown field config\.loss\.mm for kind='arcface'\. "
-                                       r"Did you mean 'm'\? Valid fields: auto_margin, kind, m, s"):
+  with pytest.raises(
+      ValueError,
+      match=r"Unknown field config\.loss\.mm for kind='arcface'\. "
+      r"Did you mean 'm'\? Valid fields: auto_margin, kind, m, s",
+  ):
     margins.from_config(config)
-  with pytest.raises(ValueError, match=r"Unknown field config\.loss\.mm for kind='arcface'\. "
-                                       r"Did you mean 'm'\?"):
+  with pytest.raises(
+      ValueError,
+      match=r"Unknown field config\.loss\.mm for kind='arcface'\. " r"Did you mean 'm'\?",
+  ):
     margins.loss_config("arcface", mm=0.3)
   # A field of another kind: no close match, still the valid fields.
-  with pytest.raises(ValueError, match=r"Unknown field config\.loss\.t_alpha for kind='cosface'\. "
-                                       r"Valid fields: auto_margin, kind, m, s\."):
+  with pytest.raises(
+      ValueError,
+      match=r"Unknown field config\.loss\.t_alpha for kind='cosface'\. "
+      r"Valid fields: auto_margin, kind, m, s\.",
+  ):
     margins.from_config({"kind": "cosface", "t_alpha": 0.01})
-  with pytest.raises(ValueError, match=r"Unknown field config\.loss\.auto_margin\.targt for "
-                                       r"kind='adm'\..* Valid fields: enabled, m_max, m_min, "
-                                       r"momentum, rate, target\."):
+  with pytest.raises(
+      ValueError,
+      match=r"Unknown field config\.loss\.auto_margin\.targt for "
+      r"kind='adm'\..* Valid fields: enabled, m_max, m_min, "
+      r"momentum, rate, target\.",
+  ):
     margins.from_config({"kind": "adm", "auto_margin": {"enabled": True, "targt": 0.5}})
   with pytest.raises(ValueError, match="Unknown loss kind 'arcfce'"):
     margins.loss_config("arcfce")
 
 
 def test_unknown_auto_margin_field_gets_a_suggestion():
-  with pytest.raises(ValueError, match=r"config.loss.auto_margin.targt for kind='adm'. Did you "
-                                       r"mean 'auto_margin\.target'\?"):
+  with pytest.raises(
+      ValueError,
+      match=r"config.loss.auto_margin.targt for kind='adm'. Did you "
+      r"mean 'auto_margin\.target'\?",
+  ):
     margins.from_config({"kind": "adm", "auto_margin": {"enabled": True, "targt": 0.5}})
 
 
@@ -307,8 +346,8 @@ def test_auto_margin_state_starts_at_m_with_an_empty_average():
 def test_auto_margin_rises_under_sustained_high_acc_margin_and_stays_bounded():
   state, hist, engaged = _run_auto_margin([1.0] * 200)
   n = _steps_to_engage(1.0)  # 16: 1 - 0.9^16 = 0.815 >= 0.8 > 1 - 0.9^15.
-  assert not engaged[:n - 1].any() and engaged[n - 1:].all()
-  assert np.all(hist[:n - 1] == np.float32(0.3))  # Held until the average reaches target.
+  assert not engaged[: n - 1].any() and engaged[n - 1 :].all()
+  assert np.all(hist[: n - 1] == np.float32(0.3))  # Held until the average reaches target.
   assert hist[n - 1 + 10] > 0.3 and np.all(np.diff(hist) >= 0)
   assert float(state["m"]) == pytest.approx(AM.m_max)
   assert state["m"].dtype == jnp.float32
@@ -339,8 +378,11 @@ def test_auto_margin_holds_at_target():
   np.testing.assert_allclose(hist, 0.3, atol=1e-6)
   assert not engaged.any()
   # Engaged with the average at target: m holds.
-  state = {"m": jnp.float32(0.3), "acc_margin_ema": jnp.float32(AM.target),
-           "engaged": jnp.bool_(True)}
+  state = {
+      "m": jnp.float32(0.3),
+      "acc_margin_ema": jnp.float32(AM.target),
+      "engaged": jnp.bool_(True),
+  }
   _, hist, engaged = _run_auto_margin([AM.target] * 20, state)
   np.testing.assert_allclose(hist, 0.3, atol=1e-6)
   assert engaged.all()
@@ -370,8 +412,7 @@ def test_auto_margin_hold_keeps_m_but_tracks_the_average():
 
 
 def test_auto_margin_steers_by_rate_times_distance_from_target_once_engaged():
-  state = {"m": jnp.float32(0.3), "acc_margin_ema": jnp.float32(0.85),
-           "engaged": jnp.bool_(True)}
+  state = {"m": jnp.float32(0.3), "acc_margin_ema": jnp.float32(0.85), "engaged": jnp.bool_(True)}
   up = _update(state, jnp.float32(0.5))  # ema 0.815: above target, m rises.
   assert float(up["acc_margin_ema"]) == pytest.approx(0.815, rel=1e-6)
   assert float(up["m"]) == pytest.approx(0.3 + 0.05 * 0.015, rel=1e-6)
@@ -379,11 +420,13 @@ def test_auto_margin_steers_by_rate_times_distance_from_target_once_engaged():
   assert float(down["m"]) == pytest.approx(0.3 - 0.05 * 0.035, rel=1e-6)
   assert bool(down["engaged"])
   # Clipped at both ends.
-  top = _update({**state, "m": jnp.float32(0.599), "acc_margin_ema": jnp.float32(1.0)},
-                jnp.float32(1.0))
+  top = _update(
+      {**state, "m": jnp.float32(0.599), "acc_margin_ema": jnp.float32(1.0)}, jnp.float32(1.0)
+  )
   assert float(top["m"]) == pytest.approx(AM.m_max)
-  bottom = _update({**state, "m": jnp.float32(0.101), "acc_margin_ema": jnp.float32(0.0)},
-                   jnp.float32(0.0))
+  bottom = _update(
+      {**state, "m": jnp.float32(0.101), "acc_margin_ema": jnp.float32(0.0)}, jnp.float32(0.0)
+  )
   assert float(bottom["m"]) == pytest.approx(AM.m_min)
 
 
@@ -393,12 +436,12 @@ def test_auto_margin_through_the_loss():
   rng = np.random.default_rng(2)
   cos = jnp.asarray(rng.uniform(-1, 1, (16, 5)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 5, 16))
-  state = {"m": jnp.float32(0.25), "acc_margin_ema": jnp.float32(0.9),
-           "engaged": jnp.bool_(True)}
+  state = {"m": jnp.float32(0.25), "acc_margin_ema": jnp.float32(0.9), "engaged": jnp.bool_(True)}
   step = jax.jit(lambda c, y, st: losses.margin_softmax_loss(c, y, adm, st))
   loss, metrics, new_state = step(cos, labels, state)
-  fixed_loss, fixed_metrics, _ = losses.margin_softmax_loss(cos, labels,
-                                                            margins.ADM(s=30.0, m=0.25))
+  fixed_loss, fixed_metrics, _ = losses.margin_softmax_loss(
+      cos, labels, margins.ADM(s=30.0, m=0.25)
+  )
   np.testing.assert_allclose(loss, fixed_loss, rtol=1e-6)
   assert float(metrics["margin"]) == pytest.approx(0.25)
   assert float(metrics["acc_margin"]) == float(fixed_metrics["acc_margin"])
@@ -412,19 +455,33 @@ def test_auto_margin_through_the_loss():
 
 
 def test_auto_margin_from_config():
-  adm = margins.from_config(margins.loss_config(
-      "adm", m=0.3, auto_margin={"enabled": True, "target": 0.8, "rate": 0.05, "momentum": 0.9,
-                                 "m_min": 0.1, "m_max": 0.6}))
+  adm = margins.from_config(
+      margins.loss_config(
+          "adm",
+          m=0.3,
+          auto_margin={
+              "enabled": True,
+              "target": 0.8,
+              "rate": 0.05,
+              "momentum": 0.9,
+              "m_min": 0.1,
+              "m_max": 0.6,
+          },
+      )
+  )
   assert adm == margins.ADM(m=0.3, auto_margin=AM)
   assert margins.from_config(margins.loss_config("adm")).auto_margin is None  # Off by default.
 
 
 def test_auto_margin_validation():
-  with pytest.raises(ValueError, match=r"Unknown field config\.loss\.auto_margin for "
-                                       r"kind='sphereface'"):
+  with pytest.raises(
+      ValueError, match=r"Unknown field config\.loss\.auto_margin for " r"kind='sphereface'"
+  ):
     margins.from_config({"kind": "sphereface", "m": 4, "auto_margin": {"enabled": True}})
-  with pytest.raises(ValueError, match=r"need auto_margin\.m_min <= m <= auto_margin\.m_max, "
-                                       r"got 0\.1 <= 0\.3 <= 0\.2"):
+  with pytest.raises(
+      ValueError,
+      match=r"need auto_margin\.m_min <= m <= auto_margin\.m_max, " r"got 0\.1 <= 0\.3 <= 0\.2",
+  ):
     margins.ADM(m=0.3, auto_margin=margins.AutoMargin(m_min=0.1, m_max=0.2))
   with pytest.raises(ValueError, match=r"m_min <= m <= auto_margin\.m_max"):
     margins.ArcFace(m=0.05, auto_margin=AM)  # Below m_min.
@@ -441,7 +498,8 @@ def test_auto_margin_validation():
   with pytest.raises(ValueError, match="0 <= m_min <= m_max"):
     margins.AutoMargin(m_min=0.5, m_max=0.4)
   with pytest.raises(ValueError, match=r"auto_margin\.target"):  # Through the config too.
-    margins.from_config(margins.loss_config("arcface", auto_margin={"enabled": True,
-                                                                    "target": 1.0}))
+    margins.from_config(
+        margins.loss_config("arcface", auto_margin={"enabled": True, "target": 1.0})
+    )
   margins.ADM(m=0.3, auto_margin=AM)
   margins.AutoMargin(momentum=0.0)

@@ -34,16 +34,19 @@ def toy_kind():
 
 
 def test_a_registered_toy_margin_trains_the_tiny_model_two_steps(toy_kind, mesh8):
-  config = tiny_demo_config(**{"loss": margins.loss_config(toy_kind, s=16.0, m=0.6),
-                              "optimizer.warmup_steps": 0})
+  config = tiny_demo_config(
+      **{"loss": margins.loss_config(toy_kind, s=16.0, m=0.6), "optimizer.warmup_steps": 0}
+  )
   config_lib.validate_config(config)
   model = models.create_model("tiny", embedding_dim=config.model.embedding_dim)
   state, shardings = train_step.create_train_state(config, model, mesh8, (16,), 2)
   assert state.heads[0].margin == HalfCosFace(s=16.0, m=0.6)
   sharding = jax.sharding.NamedSharding(mesh8, jax.sharding.PartitionSpec("data"))
   rng = np.random.default_rng(0)
-  batch = {"image": jax.device_put(rng.normal(size=(16, 32, 32, 3)).astype(np.float32), sharding),
-           "label": jax.device_put(np.arange(16, dtype=np.int32), sharding)}
+  batch = {
+      "image": jax.device_put(rng.normal(size=(16, 32, 32, 3)).astype(np.float32), sharding),
+      "label": jax.device_put(np.arange(16, dtype=np.int32), sharding),
+  }
   step = jax.jit(train_step.train_step, in_shardings=(shardings, sharding))
   losses = []
   for _ in range(2):
@@ -55,11 +58,17 @@ def test_a_registered_toy_margin_trains_the_tiny_model_two_steps(toy_kind, mesh8
 
 
 def test_unknown_kind_and_field_name_the_valid_ones(toy_kind):
-  with pytest.raises(ValueError, match=r"Unknown loss kind 'toy_half_cosfac'. Did you mean "
-                                       r"'toy_half_cosface'\? Valid kinds: normface, "):
+  with pytest.raises(
+      ValueError,
+      match=r"Unknown loss kind 'toy_half_cosfac'. Did you mean "
+      r"'toy_half_cosface'\? Valid kinds: normface, ",
+  ):
     margins.kind_class("toy_half_cosfac")
-  with pytest.raises(ValueError, match=r"Unknown field config.loss.mm for kind='toy_half_cosface'. "
-                                       r"Did you mean 'm'\? Valid fields: kind, m, s."):
+  with pytest.raises(
+      ValueError,
+      match=r"Unknown field config.loss.mm for kind='toy_half_cosface'. "
+      r"Did you mean 'm'\? Valid fields: kind, m, s.",
+  ):
     margins.from_config({"kind": toy_kind, "mm": 1.0})
   with pytest.raises(ValueError, match="registered twice"):
     margins.register(HalfCosFace)

@@ -16,14 +16,24 @@ from margin_calls import target_logits
 
 # Three rows, four classes. Row 0 (target 0.7) has a hard negative (0.5 > cos(theta + 0.5) = 0.27),
 # row 1 (target 0.65) one (0.6 > 0.21), row 2 (target 0.95) none.
-COS = np.array([[0.7, 0.2, -0.3, 0.5],
-                [0.1, 0.6, 0.65, -0.9],
-                [-0.2, 0.3, 0.95, 0.0]], np.float32)
+COS = np.array([[0.7, 0.2, -0.3, 0.5], [0.1, 0.6, 0.65, -0.9], [-0.2, 0.3, 0.95, 0.0]], np.float32)
 LABELS = np.array([0, 2, 2], np.int32)
 ROWS = np.arange(3)
 
-KINDS = ("normface", "cosface", "arcface", "sphereface", "combined", "adm", "subcenter_arcface",
-         "curricularface", "adaface", "magface", "elasticface_arc", "elasticface_cos")
+KINDS = (
+    "normface",
+    "cosface",
+    "arcface",
+    "sphereface",
+    "combined",
+    "adm",
+    "subcenter_arcface",
+    "curricularface",
+    "adaface",
+    "magface",
+    "elasticface_arc",
+    "elasticface_cos",
+)
 AUTO_MARGIN_KINDS = ("arcface", "cosface", "adm")
 # The papers' main face-recognition settings (the old modern_losses.PAPER_DEFAULTS).
 PAPER_DEFAULTS = {
@@ -66,8 +76,9 @@ def _flat(cos_sub):
 def test_subcenter_cos_pools_the_nearest_subcentre():
   cos_sub = np.array([[[0.1, 0.9], [-0.5, -0.2]], [[0.3, 0.3], [1.0, -1.0]]], np.float32)
   pool = margins.SubcenterArcFace(num_subcenters=2).pool_class_cosines
-  np.testing.assert_array_equal(pool(_flat(cos_sub)),
-                                np.array([[0.9, -0.2], [0.3, 1.0]], np.float32))
+  np.testing.assert_array_equal(
+      pool(_flat(cos_sub)), np.array([[0.9, -0.2], [0.3, 1.0]], np.float32)
+  )
   one = margins.SubcenterArcFace(num_subcenters=1)
   np.testing.assert_array_equal(one.pool_class_cosines(COS), COS)  # K = 1: identity.
   assert one.centers_per_class == 1 and margins.SubcenterArcFace().centers_per_class == 3
@@ -82,8 +93,9 @@ def test_subcenter_arcface_closed_form():
   pooled = cos_sub.astype(np.float64).max(axis=2)
   target = s * np.cos(np.arccos(pooled[ROWS, LABELS]) + m)
   expected = _cross_entropy(_with_target(pooled, LABELS, target, s * pooled), LABELS)
-  loss, metrics, state = losses.margin_softmax_loss(sub.pool_class_cosines(_flat(cos_sub)),
-                                                    LABELS, sub)
+  loss, metrics, state = losses.margin_softmax_loss(
+      sub.pool_class_cosines(_flat(cos_sub)), LABELS, sub
+  )
   _assert_loss(loss, expected)
   assert float(metrics["acc"]) == np.mean(pooled.argmax(axis=1) == LABELS)
   assert state == {}
@@ -92,8 +104,7 @@ def test_subcenter_arcface_closed_form():
 def test_subcenter_with_one_subcentre_is_arcface():
   sub = margins.SubcenterArcFace(s=32.0, m=0.5, num_subcenters=1)
   loss, metrics, _ = losses.margin_softmax_loss(sub.pool_class_cosines(COS), LABELS, sub)
-  arc_loss, arc_metrics, _ = losses.margin_softmax_loss(COS, LABELS,
-                                                        margins.ArcFace(s=32.0, m=0.5))
+  arc_loss, arc_metrics, _ = losses.margin_softmax_loss(COS, LABELS, margins.ArcFace(s=32.0, m=0.5))
   assert float(loss) == pytest.approx(float(arc_loss), rel=1e-6)
   assert {k: float(v) for k, v in metrics.items()} == {k: float(v) for k, v in arc_metrics.items()}
 
@@ -122,7 +133,8 @@ def test_curricularface_closed_form():
   assert float(metrics["t"]) == float(new_state["t"])
   # The hard negatives of rows 0 and 1 really are re-weighted: cos_j * (t + cos_j).
   logits = margins.CurricularFace(s=1.0, m=m).nontarget_logits(
-      COS, cos_target=COS[ROWS, LABELS], state={"t": jnp.float32(0.3)})
+      COS, cos_target=COS[ROWS, LABELS], state={"t": jnp.float32(0.3)}
+  )
   np.testing.assert_allclose(logits[0], [0.7 * 1.0, 0.2, -0.3, 0.5 * 0.8], rtol=1e-6)
   np.testing.assert_allclose(logits[1], [0.1, 0.6 * 0.9, 0.65 * 0.95, -0.9], rtol=1e-6)
 
@@ -130,16 +142,18 @@ def test_curricularface_closed_form():
 @pytest.mark.parametrize("t", [0.0, 0.7])
 def test_curricularface_without_hard_negatives_is_arcface(t):
   easy = COS[2:]  # Every negative below cos(theta + m).
-  loss, metrics, _ = losses.margin_softmax_loss(easy, LABELS[2:],
-                                                margins.CurricularFace(s=64.0, m=0.5),
-                                                {"t": jnp.float32(t)})
-  arc_loss, arc_metrics, _ = losses.margin_softmax_loss(easy, LABELS[2:],
-                                                        margins.ArcFace(s=64.0, m=0.5))
+  loss, metrics, _ = losses.margin_softmax_loss(
+      easy, LABELS[2:], margins.CurricularFace(s=64.0, m=0.5), {"t": jnp.float32(t)}
+  )
+  arc_loss, arc_metrics, _ = losses.margin_softmax_loss(
+      easy, LABELS[2:], margins.ArcFace(s=64.0, m=0.5)
+  )
   assert float(loss) == pytest.approx(float(arc_loss), rel=1e-6)
   assert metrics["acc_margin"] == arc_metrics["acc_margin"]
   # t = 0 damps a hard negative to cos_j^2 and otherwise changes nothing.
   damped = margins.CurricularFace(s=2.0, m=0.5).nontarget_logits(
-      COS, cos_target=COS[ROWS, LABELS], state={"t": jnp.float32(0.0)})
+      COS, cos_target=COS[ROWS, LABELS], state={"t": jnp.float32(0.0)}
+  )
   np.testing.assert_allclose(damped[0], 2.0 * np.array([0.49, 0.2, -0.3, 0.25]), rtol=1e-6)
 
 
@@ -178,8 +192,7 @@ def test_adaface_closed_form():
   ada = margins.AdaFace(s=s, m=m, h=2.0, t_alpha=0.5)
   state = ada.init_state()
   assert float(state["norm_mean"]) == 20.0 and float(state["norm_std"]) == 100.0
-  loss, metrics, new_state = losses.margin_softmax_loss(COS, LABELS, ada, state,
-                                                        feature_norm=norms)
+  loss, metrics, new_state = losses.margin_softmax_loss(COS, LABELS, ada, state, feature_norm=norms)
   expected, mean, std, z = _adaface_reference(COS, LABELS, norms, 20.0, 100.0, s, m, 2.0, 0.5)
   assert z[2] == 1.0 and np.arccos(0.95) < m
   _assert_loss(loss, expected)
@@ -194,8 +207,9 @@ def test_adaface_degenerate_margins():
   s, m = 64.0, 0.4
   norms = np.array([5.0, 30.0, 80.0], np.float32)
   # h = 0 (or z = 0): CosFace with margin m.
-  loss, _, _ = losses.margin_softmax_loss(COS, LABELS, margins.AdaFace(s=s, m=m, h=0.0),
-                                          feature_norm=norms)
+  loss, _, _ = losses.margin_softmax_loss(
+      COS, LABELS, margins.AdaFace(s=s, m=m, h=0.0), feature_norm=norms
+  )
   cos_loss, _, _ = losses.margin_softmax_loss(COS, LABELS, margins.CosFace(s=s, m=m))
   assert float(loss) == pytest.approx(float(cos_loss), rel=1e-6)
   cos_target = np.linspace(-1, 1, 9, dtype=np.float32)
@@ -213,15 +227,21 @@ def test_adaface_degenerate_margins():
     np.testing.assert_allclose(
         target_at(z),
         target_logits(margins.Combined(s=s, m1=1.0, m2=-m * z, m3=m * (1 + z)), cos_target),
-        rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(target_at(-1.0), target_logits(margins.ArcFace(s=s, m=m), cos_target),
-                             rtol=1e-5, atol=1e-5)
+        rtol=1e-5,
+        atol=1e-5,
+    )
+  np.testing.assert_allclose(
+      target_at(-1.0), target_logits(margins.ArcFace(s=s, m=m), cos_target), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_adaface_state_under_jit():
   ada = margins.AdaFace(s=64.0, m=0.4, h=0.333, t_alpha=0.01)
-  step = jax.jit(lambda norms, state: losses.margin_softmax_loss(COS, LABELS, ada, state,
-                                                                 feature_norm=norms)[2])
+  step = jax.jit(
+      lambda norms, state: losses.margin_softmax_loss(COS, LABELS, ada, state, feature_norm=norms)[
+          2
+      ]
+  )
   state, mean, std = ada.init_state(), 20.0, 100.0
   for norms in ([10.0, 20.0, 30.0], [12.0, 18.0, 40.0]):
     state = step(np.asarray(norms, np.float32), state)
@@ -261,8 +281,9 @@ def test_magface_at_a_fixed_norm_is_arcface():
   mag = margins.MagFace(**dict(PAPER_DEFAULTS["magface"], lambda_g=0.0))
   norms = np.full(3, 60.0, np.float32)  # m(60) = 0.45 + 0.35 * 0.5 = 0.625.
   loss, metrics, _ = losses.margin_softmax_loss(COS, LABELS, mag, feature_norm=norms)
-  arc_loss, arc_metrics, _ = losses.margin_softmax_loss(COS, LABELS,
-                                                        margins.ArcFace(s=64.0, m=0.625))
+  arc_loss, arc_metrics, _ = losses.margin_softmax_loss(
+      COS, LABELS, margins.ArcFace(s=64.0, m=0.625)
+  )
   assert float(loss) == pytest.approx(float(arc_loss), rel=1e-6)
   assert metrics["acc_margin"] == arc_metrics["acc_margin"]
 
@@ -279,15 +300,16 @@ def test_magface_regulariser_gradient():
 # -------------------------------------------------------------------------------- ElasticFace
 
 
-@pytest.mark.parametrize("kind, fixed_kind", [("elasticface_arc", "arcface"),
-                                              ("elasticface_cos", "cosface")])
+@pytest.mark.parametrize(
+    "kind, fixed_kind", [("elasticface_arc", "arcface"), ("elasticface_cos", "cosface")]
+)
 def test_elasticface_with_sigma_zero_is_the_fixed_margin(kind, fixed_kind):
   m = PAPER_DEFAULTS[kind]["m"]
   elastic = margins.from_config(margins.loss_config(kind, s=64.0, m=m, sigma=0.0))
-  loss, metrics, state = losses.margin_softmax_loss(COS, LABELS, elastic,
-                                                    key=jax.random.key(0))
+  loss, metrics, state = losses.margin_softmax_loss(COS, LABELS, elastic, key=jax.random.key(0))
   fixed, fixed_metrics, _ = losses.margin_softmax_loss(
-      COS, LABELS, margins.from_config(margins.loss_config(fixed_kind, s=64.0, m=m)))
+      COS, LABELS, margins.from_config(margins.loss_config(fixed_kind, s=64.0, m=m))
+  )
   assert float(loss) == pytest.approx(float(fixed), rel=1e-6)
   assert metrics["acc_margin"] == fixed_metrics["acc_margin"]
   assert float(metrics["margin"]) == pytest.approx(m) and state == {}
@@ -296,19 +318,23 @@ def test_elasticface_with_sigma_zero_is_the_fixed_margin(kind, fixed_kind):
 def test_elasticface_closed_form_with_drawn_margins():
   key = jax.random.key(7)
   params = PAPER_DEFAULTS["elasticface_arc"]
-  draws = np.asarray(margins.ElasticFaceArc(m=params["m"], sigma=params["sigma"])
-                     .row_margins(key, 20_000))
+  draws = np.asarray(
+      margins.ElasticFaceArc(m=params["m"], sigma=params["sigma"]).row_margins(key, 20_000)
+  )
   assert draws.dtype == np.float32
   assert abs(draws.mean() - 0.5) < 4 * 0.05 / np.sqrt(20_000)
   assert draws.std() == pytest.approx(0.05, rel=0.03)
   # The loss uses the margins drawn from the same key for its batch, one per row.
-  row_margins = np.asarray(margins.ElasticFaceArc(m=0.5, sigma=0.05).row_margins(key, 3),
-                           np.float64)
+  row_margins = np.asarray(
+      margins.ElasticFaceArc(m=0.5, sigma=0.05).row_margins(key, 3), np.float64
+  )
   assert len(np.unique(row_margins)) == 3
   cos = COS.astype(np.float64)
   theta = np.arccos(cos[ROWS, LABELS])
-  for cls, target in ((margins.ElasticFaceArc, np.cos(theta + row_margins)),
-                      (margins.ElasticFaceCos, cos[ROWS, LABELS] - row_margins)):
+  for cls, target in (
+      (margins.ElasticFaceArc, np.cos(theta + row_margins)),
+      (margins.ElasticFaceCos, cos[ROWS, LABELS] - row_margins),
+  ):
     elastic = cls(s=64.0, m=0.5, sigma=0.05)
     np.testing.assert_array_equal(elastic.row_margins(key, 3), row_margins.astype(np.float32))
     loss, metrics, _ = losses.margin_softmax_loss(COS, LABELS, elastic, key=key)
@@ -317,7 +343,9 @@ def test_elasticface_closed_form_with_drawn_margins():
     # metrics["margin"] is now the configured m (the old loss logged the batch's mean draw).
     assert float(metrics["margin"]) == pytest.approx(0.5)
   # A different key draws different margins: a different loss.
-  other, _, _ = losses.margin_softmax_loss(COS, LABELS, margins.ElasticFaceArc(), key=jax.random.key(8))
+  other, _, _ = losses.margin_softmax_loss(
+      COS, LABELS, margins.ElasticFaceArc(), key=jax.random.key(8)
+  )
   same, _, _ = losses.margin_softmax_loss(COS, LABELS, margins.ElasticFaceArc(), key=key)
   assert float(other) != float(same)
 
@@ -329,8 +357,9 @@ def test_registry_holds_every_kind():
   assert set(margins.REGISTRY) == set(KINDS) and len(margins.REGISTRY) == 12
   for kind, cls in margins.REGISTRY.items():
     assert cls.kind == kind and issubclass(cls, margins.Margin)
-  assert {k for k, c in margins.REGISTRY.items()
-          if issubclass(c, margins.AdditiveMargin)} == set(AUTO_MARGIN_KINDS)
+  assert {k for k, c in margins.REGISTRY.items() if issubclass(c, margins.AdditiveMargin)} == set(
+      AUTO_MARGIN_KINDS
+  )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -343,7 +372,8 @@ def test_each_kind_builds_from_its_default_config(kind):
   assert ("auto_margin" in config) == (kind in AUTO_MARGIN_KINDS)
   if kind in AUTO_MARGIN_KINDS:
     assert set(config.auto_margin.keys()) == (
-        {"enabled"} | {f.name for f in dataclasses.fields(margins.AutoMargin)})
+        {"enabled"} | {f.name for f in dataclasses.fields(margins.AutoMargin)}
+    )
     assert config.auto_margin.enabled is False
   margin = margins.from_config(config)
   assert type(margin) is cls and margin == cls()
@@ -363,10 +393,15 @@ def test_each_kind_builds_from_its_default_config(kind):
 # ---------------------------------------------------------------------------- every kind at once
 
 # Targets and negatives at exactly -1 and +1 (and near them).
-EDGE_COS = np.array([[1.0, -1.0, 0.3, 1.0],
-                     [-1.0, 1.0, -1.0, 0.999],
-                     [0.5, -0.999, 1.0, -1.0],
-                     [1.0, 1.0, -1.0, 0.0]], np.float32)
+EDGE_COS = np.array(
+    [
+        [1.0, -1.0, 0.3, 1.0],
+        [-1.0, 1.0, -1.0, 0.999],
+        [0.5, -0.999, 1.0, -1.0],
+        [1.0, 1.0, -1.0, 0.0],
+    ],
+    np.float32,
+)
 EDGE_LABELS = np.array([0, 0, 2, 2], np.int32)
 # A grid over [-1, 1], reversed, and rows of +1 and -1 (the old classic-kind test).
 _GRID = np.linspace(-1, 1, 21)
@@ -380,13 +415,19 @@ def _loss_of(margin, cos, norms, labels):
   """The single-device loss of `margin` with every input it reads; sub-centre cosines are
   [cos, flipped cos, -cos] per class."""
   if margin.centers_per_class > 1:
-    subs = [cos, jnp.flip(cos, axis=1), -cos][:margin.centers_per_class]
+    subs = [cos, jnp.flip(cos, axis=1), -cos][: margin.centers_per_class]
     cos = jnp.stack(subs, axis=-1).reshape(cos.shape[0], -1)
   state = margin.init_state()
   if "t" in state:
     state = {"t": jnp.float32(0.5)}
-  return losses.margin_softmax_loss(margin.pool_class_cosines(cos), labels, margin, state,
-                                    feature_norm=norms, key=jax.random.key(1))[0]
+  return losses.margin_softmax_loss(
+      margin.pool_class_cosines(cos),
+      labels,
+      margin,
+      state,
+      feature_norm=norms,
+      key=jax.random.key(1),
+  )[0]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -398,7 +439,8 @@ def test_finite_loss_and_gradients_at_both_ends(kind, dtype):
     for s in (1.0, 64.0, 128.0):
       margin = margins.from_config(margins.loss_config(kind, s=s))
       loss, (grad_cos, grad_norms) = jax.value_and_grad(
-          lambda c, n: _loss_of(margin, c, n, jnp.asarray(labels)), argnums=(0, 1))(cos, norms)
+          lambda c, n: _loss_of(margin, c, n, jnp.asarray(labels)), argnums=(0, 1)
+      )(cos, norms)
       assert loss.dtype == jnp.float32 and np.isfinite(float(loss)), (s, float(loss))
       assert grad_cos.dtype == dtype and grad_norms.dtype == dtype
       assert np.all(np.isfinite(np.asarray(grad_cos, np.float32))), s
@@ -428,7 +470,7 @@ def test_losses_assemble_from_class_shards(kind):
   target = margin.target_logits(cos_target, state=batch_state, feature_norm=norms, key=key)
   halves = []
   for classes in (np.arange(4), np.arange(4, 8)):
-    local = margin.pool_class_cosines(cos[:, classes[0] * k:(classes[-1] + 1) * k])
+    local = margin.pool_class_cosines(cos[:, classes[0] * k : (classes[-1] + 1) * k])
     nontarget = margin.nontarget_logits(local, cos_target=cos_target, state=batch_state)
     halves.append(jnp.where(labels[:, None] == classes[None, :], target[:, None], nontarget))
   sharded = jnp.mean(jax.nn.logsumexp(jnp.concatenate(halves, axis=1), axis=1) - target)
@@ -440,44 +482,77 @@ def test_losses_assemble_from_class_shards(kind):
 # ------------------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: margins.SubcenterArcFace(s=0.0, m=0.5), "scale s must be > 0"),
-    (lambda: margins.SubcenterArcFace(s=64.0, m=4.0), "subcenter_arcface: margin m"),
-    (lambda: margins.SubcenterArcFace(num_subcenters=0), "num_subcenters"),
-    (lambda: margins.SubcenterArcFace(num_subcenters=2.0), "num_subcenters"),
-    (lambda: losses.margin_softmax_loss(COS, np.array([0, 4, 1]),
-                                        margins.CurricularFace(s=64.0, m=0.5)),
-     r"Labels must lie in \[0, 4\)"),
-    (lambda: margins.CurricularFace(s=64.0, m=0.5, t_alpha=0.0), "t_alpha"),
-    (lambda: margins.CurricularFace(m=4.0), "curricularface: margin m"),
-    (lambda: losses.margin_softmax_loss(COS, LABELS, margins.AdaFace(), feature_norm=np.ones(2)),
-     r"one value per row, shape \(3,\)"),
-    (lambda: losses.margin_softmax_loss(COS[:1], LABELS[:1], margins.AdaFace(),
-                                        feature_norm=np.ones(1)), "B >= 2"),
-    (lambda: margins.AdaFace().update_statistics(margins.AdaFace().init_state(),
-                                                 cos_target=np.ones(1), feature_norm=np.ones(1)),
-     "B >= 2"),
-    (lambda: margins.AdaFace(s=64.0, m=0.4, h=-1.0), "adaface: h must be >= 0"),
-    (lambda: margins.AdaFace(s=64.0, m=1.5, h=0.333), r"adaface: margin m must be in \[0, 1\]"),
-    (lambda: margins.AdaFace(t_alpha=1.5), "adaface: t_alpha"),
-    (lambda: margins.MagFace(s=64.0, l_a=110.0, u_a=10.0, l_m=0.45, u_m=0.8, lambda_g=35.0),
-     "l_a < u_a"),
-    (lambda: margins.MagFace(s=64.0, l_a=10.0, u_a=110.0, l_m=0.9, u_m=0.8, lambda_g=35.0),
-     "l_m <= u_m"),
-    (lambda: margins.MagFace(s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=-1.0),
-     "lambda_g"),
-    (lambda: margins.from_config({"kind": "elasticface", "s": 64.0, "m": 0.5, "sigma": 0.05}),
-     r"Unknown loss kind 'elasticface'\. Did you mean 'elasticface_(arc|cos)'\?"),
-    (lambda: margins.ElasticFaceArc(s=64.0, m=0.5, sigma=-0.1), "elasticface_arc: sigma"),
-    (lambda: margins.ElasticFaceCos(s=64.0, m=1.5, sigma=0.05),
-     r"elasticface_cos: margin m must be in \[0, 1\]"),
-    (lambda: margins.from_config(margins.loss_config("magface", l_m=0.9)), "l_m <= u_m"),
-    (lambda: margins.loss_config("adaface", sigma=0.1),
-     r"Unknown field config\.loss\.sigma for kind='adaface'\..*Valid fields: h, kind, m, s, "
-     r"t_alpha\."),
-    (lambda: margins.from_config({"kind": "magface", "l_mm": 0.5}),
-     r"Unknown field config\.loss\.l_mm for kind='magface'\. Did you mean 'l_m'\?"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: margins.SubcenterArcFace(s=0.0, m=0.5), "scale s must be > 0"),
+        (lambda: margins.SubcenterArcFace(s=64.0, m=4.0), "subcenter_arcface: margin m"),
+        (lambda: margins.SubcenterArcFace(num_subcenters=0), "num_subcenters"),
+        (lambda: margins.SubcenterArcFace(num_subcenters=2.0), "num_subcenters"),
+        (
+            lambda: losses.margin_softmax_loss(
+                COS, np.array([0, 4, 1]), margins.CurricularFace(s=64.0, m=0.5)
+            ),
+            r"Labels must lie in \[0, 4\)",
+        ),
+        (lambda: margins.CurricularFace(s=64.0, m=0.5, t_alpha=0.0), "t_alpha"),
+        (lambda: margins.CurricularFace(m=4.0), "curricularface: margin m"),
+        (
+            lambda: losses.margin_softmax_loss(
+                COS, LABELS, margins.AdaFace(), feature_norm=np.ones(2)
+            ),
+            r"one value per row, shape \(3,\)",
+        ),
+        (
+            lambda: losses.margin_softmax_loss(
+                COS[:1], LABELS[:1], margins.AdaFace(), feature_norm=np.ones(1)
+            ),
+            "B >= 2",
+        ),
+        (
+            lambda: margins.AdaFace().update_statistics(
+                margins.AdaFace().init_state(), cos_target=np.ones(1), feature_norm=np.ones(1)
+            ),
+            "B >= 2",
+        ),
+        (lambda: margins.AdaFace(s=64.0, m=0.4, h=-1.0), "adaface: h must be >= 0"),
+        (lambda: margins.AdaFace(s=64.0, m=1.5, h=0.333), r"adaface: margin m must be in \[0, 1\]"),
+        (lambda: margins.AdaFace(t_alpha=1.5), "adaface: t_alpha"),
+        (
+            lambda: margins.MagFace(s=64.0, l_a=110.0, u_a=10.0, l_m=0.45, u_m=0.8, lambda_g=35.0),
+            "l_a < u_a",
+        ),
+        (
+            lambda: margins.MagFace(s=64.0, l_a=10.0, u_a=110.0, l_m=0.9, u_m=0.8, lambda_g=35.0),
+            "l_m <= u_m",
+        ),
+        (
+            lambda: margins.MagFace(s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=-1.0),
+            "lambda_g",
+        ),
+        (
+            lambda: margins.from_config(
+                {"kind": "elasticface", "s": 64.0, "m": 0.5, "sigma": 0.05}
+            ),
+            r"Unknown loss kind 'elasticface'\. Did you mean 'elasticface_(arc|cos)'\?",
+        ),
+        (lambda: margins.ElasticFaceArc(s=64.0, m=0.5, sigma=-0.1), "elasticface_arc: sigma"),
+        (
+            lambda: margins.ElasticFaceCos(s=64.0, m=1.5, sigma=0.05),
+            r"elasticface_cos: margin m must be in \[0, 1\]",
+        ),
+        (lambda: margins.from_config(margins.loss_config("magface", l_m=0.9)), "l_m <= u_m"),
+        (
+            lambda: margins.loss_config("adaface", sigma=0.1),
+            r"Unknown field config\.loss\.sigma for kind='adaface'\..*Valid fields: h, kind, m, s, "
+            r"t_alpha\.",
+        ),
+        (
+            lambda: margins.from_config({"kind": "magface", "l_mm": 0.5}),
+            r"Unknown field config\.loss\.l_mm for kind='magface'\. Did you mean 'l_m'\?",
+        ),
+    ],
+)
 def test_bad_parameters_are_named(call, message):
   with pytest.raises(ValueError, match=message):
     call()

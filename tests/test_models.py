@@ -31,8 +31,15 @@ def num_values(tree) -> int:
 
 
 def test_model_names():
-  assert MODEL_NAMES == ("iresnet100", "iresnet18", "iresnet200", "iresnet34", "iresnet50",
-                         "mobilefacenet", "tiny")
+  assert MODEL_NAMES == (
+      "iresnet100",
+      "iresnet18",
+      "iresnet200",
+      "iresnet34",
+      "iresnet50",
+      "mobilefacenet",
+      "tiny",
+  )
 
 
 def test_unknown_name_lists_valid_names():
@@ -45,11 +52,14 @@ def test_unknown_keyword_is_named():
     create_model("mobilefacenet", stage_widths=(8, 16, 32, 64))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"embedding_dim": 0}, "embedding_dim"),
-    ({"dropout_rate": 1.0}, "dropout_rate"),
-    ({"dtype": jnp.int32}, "dtype"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"embedding_dim": 0}, "embedding_dim"),
+        ({"dropout_rate": 1.0}, "dropout_rate"),
+        ({"dtype": jnp.int32}, "dtype"),
+    ],
+)
 def test_bad_arguments_are_rejected(kwargs, message):
   with pytest.raises(ValueError, match=message):
     create_model("tiny", **kwargs)
@@ -163,8 +173,9 @@ DEPTHWISE_CASES = [(8, 3, 1, 1), (8, 3, 2, 1), (7, 3, 2, 1), (7, 7, 1, 0)]
 
 @pytest.mark.parametrize("size, kernel_size, strides, padding", DEPTHWISE_CASES)
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
-def test_shifted_depthwise_conv_matches_grouped_convolution(size, kernel_size, strides, padding,
-                                                            dtype, tolerance):
+def test_shifted_depthwise_conv_matches_grouped_convolution(
+    size, kernel_size, strides, padding, dtype, tolerance
+):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, size, size, 16)), dtype)
   kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 1, 16)), dtype)
@@ -184,8 +195,13 @@ def test_shifted_depthwise_conv_matches_grouped_convolution(size, kernel_size, s
     # Relative to the largest magnitude. The shifted form sums in float32 and rounds once; in
     # bfloat16 the tolerance allows a rounding (2^-8) or two where the convolution sums otherwise.
     scale = float(jnp.max(jnp.abs(e.astype(jnp.float32))))
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32),
-                               rtol=0, atol=tolerance * scale, err_msg=name)
+    np.testing.assert_allclose(
+        np.asarray(a, np.float32),
+        np.asarray(e, np.float32),
+        rtol=0,
+        atol=tolerance * scale,
+        err_msg=name,
+    )
 
 
 def test_depthwise_implementation_is_checked():
@@ -196,9 +212,17 @@ def test_depthwise_implementation_is_checked():
 
 def grouped_conv(kernel_size, strides=1, padding=0, dtype=jnp.float32, name=None):
   """What MobileFaceNet's depthwise layers were before DepthwiseConv: a grouped nn.Conv."""
-  return lambda x: nn.Conv(x.shape[-1], kernel_size, strides, padding=padding,
-                           feature_group_count=x.shape[-1], use_bias=False, dtype=dtype,
-                           kernel_init=CONV_INIT, name=name)(x)
+  return lambda x: nn.Conv(
+      x.shape[-1],
+      kernel_size,
+      strides,
+      padding=padding,
+      feature_group_count=x.shape[-1],
+      use_bias=False,
+      dtype=dtype,
+      kernel_init=CONV_INIT,
+      name=name,
+  )(x)
 
 
 def test_depthwise_conv_keeps_the_grouped_convolution_parameters(monkeypatch):
@@ -207,10 +231,12 @@ def test_depthwise_conv_keeps_the_grouped_convolution_parameters(monkeypatch):
   x = jnp.ones((1, 9, 9, 8))
   key = jax.random.key(0, impl="rbg")
   layer = mobilefacenet.DepthwiseConv((3, 3), strides=2, padding=1)
-  grouped = nn.Conv(8, (3, 3), 2, padding=1, feature_group_count=8, use_bias=False,
-                    kernel_init=CONV_INIT)
-  np.testing.assert_array_equal(layer.init(key, x)["params"]["kernel"],
-                                grouped.init(key, x)["params"]["kernel"])
+  grouped = nn.Conv(
+      8, (3, 3), 2, padding=1, feature_group_count=8, use_bias=False, kernel_init=CONV_INIT
+  )
+  np.testing.assert_array_equal(
+      layer.init(key, x)["params"]["kernel"], grouped.init(key, x)["params"]["kernel"]
+  )
   new = abstract_variables(create_model("mobilefacenet"), (1, 112, 112, 3))
   monkeypatch.setattr(mobilefacenet, "DepthwiseConv", grouped_conv)
   old = abstract_variables(create_model("mobilefacenet"), (1, 112, 112, 3))
@@ -234,8 +260,9 @@ def test_mobilefacenet_uses_no_grouped_convolution_on_the_cpu():
 def tiny_setup():
   model = create_model("tiny", embedding_dim=32)
   images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 3)), jnp.float32)
-  variables = jax.jit(
-      lambda x: model.init(jax.random.key(0, impl="rbg"), x, train=False))(images[:1])
+  variables = jax.jit(lambda x: model.init(jax.random.key(0, impl="rbg"), x, train=False))(
+      images[:1]
+  )
   return model, variables, images
 
 
@@ -267,7 +294,8 @@ def test_bfloat16_agrees_with_float32(tiny_setup, train):
 def test_train_mode_updates_batch_stats_and_eval_mode_uses_them(tiny_setup):
   model, variables, images = tiny_setup
   embeddings, updates = jax.jit(
-      lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, images)
+      lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])
+  )(variables, images)
   assert embeddings.shape == (8, 32) and bool(jnp.all(jnp.isfinite(embeddings)))
   before = traverse_util.flatten_dict(variables["batch_stats"])
   after = traverse_util.flatten_dict(updates["batch_stats"])
@@ -294,8 +322,9 @@ def test_dropout_is_active_only_in_train_mode(tiny_setup):
 
   @jax.jit
   def train(key):
-    return model.apply(variables, images, train=True, mutable=["batch_stats"],
-                       rngs={"dropout": key})[0]
+    return model.apply(
+        variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": key}
+    )[0]
 
   key_1, key_2 = jax.random.key(1, impl="rbg"), jax.random.key(2, impl="rbg")
   assert not np.allclose(train(key_1), train(key_2))
@@ -305,4 +334,6 @@ def test_dropout_is_active_only_in_train_mode(tiny_setup):
   np.testing.assert_allclose(
       jax.jit(lambda x: model.apply(variables, x, train=False))(images),
       jax.jit(lambda x: without_dropout.apply(variables, x, train=False))(images),
-      rtol=1e-5, atol=1e-4)
+      rtol=1e-5,
+      atol=1e-4,
+  )

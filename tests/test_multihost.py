@@ -27,10 +27,24 @@ def _start_workers(tmp_path, *args):
   port, workdir = str(_free_port()), tmp_path / "work"
   env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
   env.pop("XLA_FLAGS", None)
-  procs = [subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "multihost_worker.py"),
-                             str(i), port, str(workdir), *args], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+  procs = [
+      subprocess.Popen(
+          [
+              sys.executable,
+              str(REPO_ROOT / "tests" / "multihost_worker.py"),
+              str(i),
+              port,
+              str(workdir),
+              *args,
+          ],
+          cwd=REPO_ROOT,
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for i in range(2)
+  ]
   return procs, workdir
 
 
@@ -38,8 +52,10 @@ def _results(procs):
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
-  return [json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
-          for out in outputs]
+  return [
+      json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+      for out in outputs
+  ]
 
 
 def test_two_process_training_agrees_and_checkpoints(tmp_path):

@@ -20,12 +20,12 @@ from fixtures_data import write_recordio
 
 def test_split_records_come_back_whole(tmp_path):
   payloads = {
-    0: b"",
-    1: b"abc",
-    2: MAGIC_WORD,  # Only the magic word: two empty parts.
-    3: b"abcd" + MAGIC_WORD + b"efgh" + MAGIC_WORD,  # Split twice, ending on the word.
-    4: MAGIC_WORD + MAGIC_WORD + b"xy",  # Consecutive words: an empty middle part.
-    5: b"ab" + MAGIC_WORD + b"cd",  # Unaligned: not split.
+      0: b"",
+      1: b"abc",
+      2: MAGIC_WORD,  # Only the magic word: two empty parts.
+      3: b"abcd" + MAGIC_WORD + b"efgh" + MAGIC_WORD,  # Split twice, ending on the word.
+      4: MAGIC_WORD + MAGIC_WORD + b"xy",  # Consecutive words: an empty middle part.
+      5: b"ab" + MAGIC_WORD + b"cd",  # Unaligned: not split.
   }
   encoded = {k: encode_record(p) for k, p in payloads.items()}
   assert encoded[2].count(MAGIC_WORD) == 2 and encoded[5].count(MAGIC_WORD) == 2
@@ -39,13 +39,13 @@ def test_split_records_come_back_whole(tmp_path):
 
 @hypothesis.settings(max_examples=40, deadline=None)
 @hypothesis.given(
-  st.lists(
-    st.lists(st.sampled_from([b"\x00", b"\xff", b"ab", MAGIC_WORD, b"\x0a\x23"]), max_size=12).map(
-      b"".join
-    ),
-    min_size=1,
-    max_size=6,
-  )
+    st.lists(
+        st.lists(
+            st.sampled_from([b"\x00", b"\xff", b"ab", MAGIC_WORD, b"\x0a\x23"]), max_size=12
+        ).map(b"".join),
+        min_size=1,
+        max_size=6,
+    )
 )
 def test_any_payloads_round_trip(tmp_path_factory, payload_list):
   tmp_path = tmp_path_factory.mktemp("rec")

@@ -15,13 +15,18 @@ import toy_embeddings
 def planted():
   """(metrics, curves) of three planted sets and their HETD pool, as an Evaluator returns them."""
   parts = toy_embeddings.planted_hetd_scores()
-  metrics = {name: verification_metrics.verification_metrics_from_scores(
-                 part["scores"], part["is_same"], part["fold"])
-             for name, part in parts.items()}
+  metrics = {
+      name: verification_metrics.verification_metrics_from_scores(
+          part["scores"], part["is_same"], part["fold"]
+      )
+      for name, part in parts.items()
+  }
   metrics["hetd"] = verification_metrics.hetd_metrics(parts)
   parts["hetd"] = verification_metrics.pool_scores(parts)
-  curves = {name: verification_metrics.roc_curve(part["scores"], part["is_same"])[:2]
-            for name, part in parts.items()}
+  curves = {
+      name: verification_metrics.roc_curve(part["scores"], part["is_same"])[:2]
+      for name, part in parts.items()
+  }
   return metrics, curves
 
 
@@ -43,8 +48,9 @@ def test_table_rows_in_percent_with_a_header_per_set_of_fars(planted):
   assert table[4] == "set       acc / TAR@FAR=1e-1 / 1e-2 / 1e-3 / 3e-4"
   m = metrics["lfw"]
   assert table[1] == "lfw       " + " / ".join(
-      f"{100 * m[key]:.2f}" for key in ("accuracy", "tar@far=1e-1", "tar@far=1e-2",
-                                         "tar@far=3e-3", "tar@far=1e-3"))
+      f"{100 * m[key]:.2f}"
+      for key in ("accuracy", "tar@far=1e-1", "tar@far=1e-2", "tar@far=3e-3", "tar@far=1e-3")
+  )
   assert table[5].startswith("hetd      ")
 
 
@@ -58,11 +64,13 @@ def test_plot_roc_writes_a_png(planted, tmp_path):
 
 def test_train_log_keeps_the_latest_row_of_each_step_and_plots_the_margin(tmp_path):
   log = tmp_path / "train_log.jsonl"
-  rows = [{"step": 50, "margin": 0.3, "acc_margin": 0.1}, {"step": 100, "margin": 0.3,
-                                                           "acc_margin": 0.4},
-          # A resumed run logs step 100 again (after restoring the step-50 checkpoint).
-          {"step": 100, "margin": 0.3, "acc_margin": 0.5},
-          {"step": 150, "margin": 0.32, "acc_margin": 0.7}]
+  rows = [
+      {"step": 50, "margin": 0.3, "acc_margin": 0.1},
+      {"step": 100, "margin": 0.3, "acc_margin": 0.4},
+      # A resumed run logs step 100 again (after restoring the step-50 checkpoint).
+      {"step": 100, "margin": 0.3, "acc_margin": 0.5},
+      {"step": 150, "margin": 0.32, "acc_margin": 0.7},
+  ]
   log.write_text("".join(json.dumps(row) + "\n" for row in rows))
   history = report.read_train_log(str(log))
   assert [row["step"] for row in history] == [50, 100, 150]

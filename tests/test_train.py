@@ -84,20 +84,30 @@ def test_evaluate_command_scores_a_saved_checkpoint(uninterrupted):
   step, result = evaluate.evaluate_checkpoint(workdir)
   assert step == 8
   assert result.metrics["synthetic"]["accuracy"] == pytest.approx(
-      results["metrics"]["synthetic"]["accuracy"])
+      results["metrics"]["synthetic"]["accuracy"]
+  )
   assert os.path.exists(os.path.join(workdir, "eval_8.json"))
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   workdir = tmp_path / "preempted"
-  cmd = [sys.executable, "-m", "adam_face.main", "--config=configs/demo.py",
-         f"--workdir={workdir}", "--config.num_train_steps=100000",
-         "--config.checkpoint_every_steps=2", "--config.dataset.image_size=32",
-         "--config.global_batch_size=16", "--config.verification.batch_size=16",
-         "--config.dataset.shuffle_buffer=64",
-         f"--config.dataset.builder_kwargs={json.dumps(TINY_DATA)}"]
-  proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+  cmd = [
+      sys.executable,
+      "-m",
+      "adam_face.main",
+      "--config=configs/demo.py",
+      f"--workdir={workdir}",
+      "--config.num_train_steps=100000",
+      "--config.checkpoint_every_steps=2",
+      "--config.dataset.image_size=32",
+      "--config.global_batch_size=16",
+      "--config.verification.batch_size=16",
+      "--config.dataset.shuffle_buffer=64",
+      f"--config.dataset.builder_kwargs={json.dumps(TINY_DATA)}",
+  ]
+  proc = subprocess.Popen(
+      cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
   deadline = time.time() + 300
   checkpoints = workdir / "checkpoints"
   while time.time() < deadline and proc.poll() is None:
@@ -117,15 +127,19 @@ def test_unknown_config_key_is_one_clear_line():
   config = tiny_demo_config()
   config.unlock()
   config.loss.mm = 0.3
-  with pytest.raises(ValueError, match=r"^Unknown field config.loss.mm for kind='adm'. Did "
-                                       r"you mean 'm'\? Valid fields: auto_margin, kind, m, s. "
-                                       r"\(Each kind has its own fields: to switch kinds, .*"
-                                       r"--config=configs/demo.py:curricularface.\)$"):
+  with pytest.raises(
+      ValueError,
+      match=r"^Unknown field config.loss.mm for kind='adm'. Did "
+      r"you mean 'm'\? Valid fields: auto_margin, kind, m, s. "
+      r"\(Each kind has its own fields: to switch kinds, .*"
+      r"--config=configs/demo.py:curricularface.\)$",
+  ):
     config_lib.validate_config(config)
   config = tiny_demo_config()
   config.loss.auto_margin.traget = 0.5
-  with pytest.raises(ValueError, match=r"config.loss.auto_margin.traget .* Did you mean "
-                                       r"'auto_margin.target'"):
+  with pytest.raises(
+      ValueError, match=r"config.loss.auto_margin.traget .* Did you mean " r"'auto_margin.target'"
+  ):
     config_lib.validate_config(config)
 
 

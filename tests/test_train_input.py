@@ -16,9 +16,6 @@ from datasets import image_folder
 from fixtures_data import SMALL_SYNTHETIC, encoded_image
 
 
-
-
-
 def take(iterator, n):
   return [next(iterator) for _ in range(n)]
 
@@ -30,24 +27,22 @@ def test_batches_shapes_and_normalisation(synthetic_config):
   assert -127.5 / 128 <= batch["image"].min() < -0.5 and 0.5 < batch["image"].max() <= 1.0
   assert set(batch["label"]) <= set(range(5))
   assert data_builders.dataset_info(synthetic_config) == {
-    "num_classes": 5,
-    "num_examples": 20,
-    "num_skipped_images": 0,
-    "full_name": "synthetic_faces/ids5x4_heldout4x3_20px_seed0/1.0.0",
+      "num_classes": 5,
+      "num_examples": 20,
+      "num_skipped_images": 0,
+      "full_name": "synthetic_faces/ids5x4_heldout4x3_20px_seed0/1.0.0",
   }
 
 
 def test_resume_yields_the_same_batches(synthetic_config):
   # 20 records, batches of 6: epochs end inside batches 3, 6 and 9.
-  fresh = take(
-    train_input.create_train_iterator(synthetic_config, global_batch_size=6, seed=3), 12
-  )
+  fresh = take(train_input.create_train_iterator(synthetic_config, global_batch_size=6, seed=3), 12)
   for start in (1, 4, 10):
     resumed = take(
-      train_input.create_train_iterator(
-        synthetic_config, global_batch_size=6, seed=3, start_step=start
-      ),
-      12 - start,
+        train_input.create_train_iterator(
+            synthetic_config, global_batch_size=6, seed=3, start_step=start
+        ),
+        12 - start,
     )
     for a, b in zip(fresh[start:], resumed):
       np.testing.assert_array_equal(a["image"], b["image"])
@@ -58,7 +53,7 @@ def test_resume_yields_the_same_batches(synthetic_config):
     assert np.bincount(epoch).tolist() == [4] * 5
   assert not np.array_equal(labels[0], labels[1])
   other_seed = take(
-    train_input.create_train_iterator(synthetic_config, global_batch_size=6, seed=4), 4
+      train_input.create_train_iterator(synthetic_config, global_batch_size=6, seed=4), 4
   )
   assert not all(np.array_equal(a["label"], b["label"]) for a, b in zip(fresh, other_seed))
 
@@ -71,35 +66,35 @@ def _epoch_digests(dataset, num_batches):
 
 def test_processes_read_disjoint_shares(synthetic_config):
   builder = data_builders.prepared_builder(
-    "synthetic_faces", data_dir=synthetic_config.data_dir, builder_kwargs=SMALL_SYNTHETIC
+      "synthetic_faces", data_dir=synthetic_config.data_dir, builder_kwargs=SMALL_SYNTHETIC
   )
   shares = [
-    train_input.build_train_dataset(
-      builder,
-      split="train",
-      per_process_batch_size=5,
-      seed=0,
-      image_size=16,
-      augment={"flip": False},
-      shuffle_buffer=8,
-      process_index=i,
-      process_count=2,
-    )
-    for i in range(2)
+      train_input.build_train_dataset(
+          builder,
+          split="train",
+          per_process_batch_size=5,
+          seed=0,
+          image_size=16,
+          augment={"flip": False},
+          shuffle_buffer=8,
+          process_index=i,
+          process_count=2,
+      )
+      for i in range(2)
   ]
   first, second = (_epoch_digests(share, 2) for share in shares)  # 10 records each = one epoch.
   assert len(set(first)) == len(set(second)) == 10
   assert not set(first) & set(second)
   whole = train_input.build_train_dataset(
-    builder,
-    split="train",
-    per_process_batch_size=20,
-    seed=0,
-    image_size=16,
-    augment={"flip": False},
-    shuffle_buffer=8,
-    process_index=0,
-    process_count=1,
+      builder,
+      split="train",
+      per_process_batch_size=20,
+      seed=0,
+      image_size=16,
+      augment={"flip": False},
+      shuffle_buffer=8,
+      process_index=0,
+      process_count=1,
   )
   assert set(_epoch_digests(whole, 1)) == set(first) | set(second)
 
@@ -107,8 +102,8 @@ def test_processes_read_disjoint_shares(synthetic_config):
 def test_augmentations_are_keyed_by_position():
   image = tf.constant(np.random.default_rng(0).uniform(0, 255, (8, 8, 3)), tf.float32)
   flipped = [
-    train_input.augment_image(image, tf.constant([7, i], tf.int64), {"flip": True})
-    for i in range(32)
+      train_input.augment_image(image, tf.constant([7, i], tf.int64), {"flip": True})
+      for i in range(32)
   ]
   mirrored = [np.array_equal(f.numpy(), image.numpy()[:, ::-1]) for f in flipped]
   same = [np.array_equal(f.numpy(), image.numpy()) for f in flipped]
@@ -119,14 +114,14 @@ def test_augmentations_are_keyed_by_position():
   jittered = train_input.augment_image(image, tf.constant([1, 2], tf.int64), jitter).numpy()
   assert jittered.min() >= 0 and jittered.max() <= 255 and not np.allclose(jittered, image)
   cropped = [
-    train_input.augment_image(image, tf.constant([5, i], tf.int64), {"crop": 0.5}).numpy()
-    for i in range(2)
+      train_input.augment_image(image, tf.constant([5, i], tf.int64), {"crop": 0.5}).numpy()
+      for i in range(2)
   ]
   assert cropped[0].shape == (8, 8, 3) and not np.allclose(cropped[0], cropped[1])
   assert cropped[0].min() >= image.numpy().min() and cropped[0].max() <= image.numpy().max()
   np.testing.assert_array_equal(
-    cropped[0],
-    train_input.augment_image(image, tf.constant([5, 0], tf.int64), {"crop": 0.5}).numpy(),
+      cropped[0],
+      train_input.augment_image(image, tf.constant([5, 0], tf.int64), {"crop": 0.5}).numpy(),
   )
   whole = train_input.augment_image(image, tf.constant([5, 0], tf.int64), {"crop": 1e-9})
   np.testing.assert_allclose(whole.numpy(), image.numpy(), atol=1e-3)
@@ -141,14 +136,14 @@ def test_greyscale_and_other_sizes_become_rgb_squares():
   np.testing.assert_array_equal(image[..., 0], image[..., 2])
   same_size = encoded_image(1, size=(16, 16), fmt="PNG")
   np.testing.assert_array_equal(
-    train_input.decode_image(tf.constant(same_size), 16).numpy(),
-    tf.io.decode_png(same_size).numpy(),
+      train_input.decode_image(tf.constant(same_size), 16).numpy(),
+      tf.io.decode_png(same_size).numpy(),
   )
 
 
 def test_orl_training_view(orl_dir, data_dir):
   config = config_lib.default_dataset_config(
-    name="image_folder/orl_s1_s30", data_dir=data_dir, image_size=8
+      name="image_folder/orl_s1_s30", data_dir=data_dir, image_size=8
   )
   info = data_builders.dataset_info(config)
   assert (info["num_classes"], info["num_examples"]) == (30, 300)
@@ -181,8 +176,12 @@ def test_jpegs_decode_exactly_as_pil_decodes(quality):
   decode_image uses gives PIL's (and OpenCV's) pixels exactly, colour and greyscale, at 4:2:0."""
   rng = np.random.default_rng(quality)
   for seed in range(6):
-    smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).resize(
-      (112, 112), Image.Resampling.BILINEAR), np.int16)
+    smooth = np.asarray(
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).resize(
+            (112, 112), Image.Resampling.BILINEAR
+        ),
+        np.int16,
+    )
     noisy = np.clip(smooth + rng.integers(-20, 21, smooth.shape), 0, 255).astype(np.uint8)
     for array in (noisy, noisy[:37, :37], noisy[..., 0]):  # Odd sizes, greyscale.
       data = _pil_jpeg(array, quality)
@@ -192,8 +191,10 @@ def test_jpegs_decode_exactly_as_pil_decodes(quality):
 
 
 def test_lfw_dev_jpegs_decode_exactly_as_pil_decodes(lfw_dev_dir):
-  files = sorted((lfw_dev_dir / "train").glob("*/*.jpg"))[::400] + sorted(
-    (lfw_dev_dir / "dev_images").glob("*/*.jpg"))[::100]
+  files = (
+      sorted((lfw_dev_dir / "train").glob("*/*.jpg"))[::400]
+      + sorted((lfw_dev_dir / "dev_images").glob("*/*.jpg"))[::100]
+  )
   assert len(files) >= 20
   for path in files:
     data = path.read_bytes()
@@ -222,21 +223,23 @@ def test_lfw_dev_train_tree_through_image_folder(lfw_dev_dir, data_dir):
   assert (len(scanned), sum(len(files) for _, files in scanned)) == (3973, 7977)
   chosen = scanned[:24] + [next(s for s in scanned if s[0] == "Colin_Powell")]
   config = config_lib.default_dataset_config(
-    name="image_folder",
-    data_dir=data_dir,
-    image_size=112,
-    augment={"flip": False},
-    builder_kwargs={"root": str(root), "identities": [name for name, _ in chosen]},
+      name="image_folder",
+      data_dir=data_dir,
+      image_size=112,
+      augment={"flip": False},
+      builder_kwargs={"root": str(root), "identities": [name for name, _ in chosen]},
   )
   info = data_builders.dataset_info(config)
   num_images = sum(len(files) for _, files in chosen)
   assert (info["num_classes"], info["num_examples"], info["num_skipped_images"]) == (
-    25, num_images, 0
+      25,
+      num_images,
+      0,
   )
   expected = {
-    (label, _as_pil_decodes(path.read_bytes()).tobytes())
-    for label, (_, files) in enumerate(chosen)
-    for path in files
+      (label, _as_pil_decodes(path.read_bytes()).tobytes())
+      for label, (_, files) in enumerate(chosen)
+      for path in files
   }
   batch = next(train_input.create_train_iterator(config, global_batch_size=64, seed=0))
   pixels = batch["image"] * train_input.PIXEL_SCALE + train_input.PIXEL_MEAN  # Exact inverse.

@@ -39,18 +39,20 @@ def orl_config(orl_dir):
 
 def test_training_on_orl_beats_the_untrained_network(orl_config, tmp_path, mesh8):
   sets = train.load_verification_sets(orl_config)
-  model = models.create_model(orl_config.model.name,
-                              embedding_dim=orl_config.model.embedding_dim)
+  model = models.create_model(orl_config.model.name, embedding_dim=orl_config.model.embedding_dim)
   tx = train_step.create_optimizer(orl_config, train_step.create_learning_rate_fn(orl_config, 1))
   untrained_state, _ = train_step.create_train_state(orl_config, model, mesh8, (30,), tx)
   untrained = verification.Evaluator(sets, batch_size=256, mesh=mesh8)(
-      train_step.embed_fn_for(model, untrained_state)).metrics["orl"]
+      train_step.embed_fn_for(model, untrained_state)
+  ).metrics["orl"]
 
   trained = train.train_and_evaluate(orl_config, str(tmp_path))["metrics"]["orl"]
   for name, metrics in (("untrained", untrained), ("trained", trained)):
-    print(f"ORL s31-s40 {name}: accuracy {metrics['accuracy']:.4f} (fold std "
-          f"{metrics['accuracy_std']:.4f}), TAR@FAR=1e-1 {metrics['tar@far=1e-1']:.4f}, "
-          f"AUC {metrics['auc']:.4f}")
+    print(
+        f"ORL s31-s40 {name}: accuracy {metrics['accuracy']:.4f} (fold std "
+        f"{metrics['accuracy_std']:.4f}), TAR@FAR=1e-1 {metrics['tar@far=1e-1']:.4f}, "
+        f"AUC {metrics['auc']:.4f}"
+    )
   assert trained["accuracy"] > untrained["accuracy"] + 0.04
   assert trained["auc"] > untrained["auc"] + 0.015
   assert trained["tar@far=1e-1"] > untrained["tar@far=1e-1"] + 0.03

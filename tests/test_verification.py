@@ -27,11 +27,17 @@ def _toy_set(rng, num_pairs, shape=toy_embeddings.IMAGE_SHAPE):
   image_a = rng.integers(0, 256, size=(num_pairs,) + shape, dtype=np.uint8)
   is_same = np.arange(num_pairs) % 2 == 0
   noise = rng.integers(-40, 41, size=image_a.shape)
-  image_b = np.where(is_same[:, None, None, None],
-                     np.clip(image_a + noise, 0, 255),
-                     rng.integers(0, 256, size=image_a.shape)).astype(np.uint8)
-  return {"image_a": image_a, "image_b": image_b, "is_same": is_same,
-          "fold": verification_metrics.consecutive_folds(num_pairs)}
+  image_b = np.where(
+      is_same[:, None, None, None],
+      np.clip(image_a + noise, 0, 255),
+      rng.integers(0, 256, size=image_a.shape),
+  ).astype(np.uint8)
+  return {
+      "image_a": image_a,
+      "image_b": image_b,
+      "is_same": is_same,
+      "fold": verification_metrics.consecutive_folds(num_pairs),
+  }
 
 
 def test_evaluator_scores_every_set_and_hetd(toy_embed_fn, mesh8):
@@ -46,8 +52,10 @@ def test_evaluator_scores_every_set_and_hetd(toy_embed_fn, mesh8):
   projection = toy_embeddings.projection()
   expected = verification_metrics.verification_metrics(
       toy_embeddings.reference_embeddings(projection, lfw["image_a"], "sum"),
-      toy_embeddings.reference_embeddings(projection, lfw["image_b"], "sum"), lfw["is_same"],
-      lfw["fold"])
+      toy_embeddings.reference_embeddings(projection, lfw["image_b"], "sum"),
+      lfw["is_same"],
+      lfw["fold"],
+  )
   assert result.metrics["lfw"]["accuracy"] == pytest.approx(expected["accuracy"])
   assert result.metrics["lfw"]["auc"] == pytest.approx(expected["auc"], abs=1e-6)
 
@@ -63,8 +71,9 @@ def test_evaluator_without_all_hetd_members_skips_hetd(toy_embed_fn, mesh8):
   result = verification.Evaluator(sets, batch_size=8, mesh=mesh8, flip="none")(toy_embed_fn)
   assert list(result.metrics) == ["lfw"]
   with pytest.raises(ValueError, match="lacks \\['fold'\\]"):
-    verification.Evaluator({"lfw": {k: v for k, v in sets["lfw"].items() if k != "fold"}},
-                           batch_size=8, mesh=mesh8)
+    verification.Evaluator(
+        {"lfw": {k: v for k, v in sets["lfw"].items() if k != "fold"}}, batch_size=8, mesh=mesh8
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,8 +119,9 @@ def test_orl_metrics_are_recorded(orl_pairs):
   images, pairs, is_same = orl_pairs
   assert images.shape == (100, 112, 92) and is_same.sum() == 450 and (~is_same).sum() == 4500
   embeddings = _orl_embed(images.astype(np.float64))
-  metrics = verification_metrics.verification_metrics(embeddings[pairs[:, 0]],
-                                                      embeddings[pairs[:, 1]], is_same)
+  metrics = verification_metrics.verification_metrics(
+      embeddings[pairs[:, 0]], embeddings[pairs[:, 1]], is_same
+  )
   for key, value in _ORL_RECORDED.items():
     assert metrics[key] == pytest.approx(value, abs=1e-9), key
 
@@ -120,9 +130,9 @@ def test_orl_through_compute_embeddings(orl_pairs, mesh8):
   images, pairs, is_same = orl_pairs
   rgb = np.repeat(images[..., None], 3, axis=-1)
   # 100 images in batches of 16: the last batch holds 4.
-  embeddings = embedding.compute_embeddings(_orl_embed, rgb, batch_size=16, mesh=mesh8,
-                                            flip="none")
-  metrics = verification_metrics.verification_metrics(embeddings[pairs[:, 0]],
-                                                      embeddings[pairs[:, 1]], is_same)
+  embeddings = embedding.compute_embeddings(_orl_embed, rgb, batch_size=16, mesh=mesh8, flip="none")
+  metrics = verification_metrics.verification_metrics(
+      embeddings[pairs[:, 0]], embeddings[pairs[:, 1]], is_same
+  )
   for key, value in _ORL_RECORDED.items():
     assert metrics[key] == pytest.approx(value, abs=1e-6), key

@@ -13,7 +13,8 @@ import toy_embeddings
 
 def _metrics(scores, is_same, folds=10, fars=verification_metrics.DEFAULT_FARS):
   return verification_metrics.verification_metrics_from_scores(
-      np.asarray(scores, np.float64), np.asarray(is_same, bool), folds, fars)
+      np.asarray(scores, np.float64), np.asarray(is_same, bool), folds, fars
+  )
 
 
 def test_identical_score_clusters_are_separated_perfectly():
@@ -72,8 +73,9 @@ def test_folds_with_a_single_class():
   np.testing.assert_allclose(metrics["fold_threshold"], [0.45, 0.425, 0.5])
   np.testing.assert_array_equal(metrics["fold_accuracy"], [1.0, 1.0, 1.0])
 
-  all_genuine_training = _metrics([0.9, 0.8, 0.2, 0.1], [True, True, False, False],
-                                  folds=np.array([0, 0, 1, 1]))
+  all_genuine_training = _metrics(
+      [0.9, 0.8, 0.2, 0.1], [True, True, False, False], folds=np.array([0, 0, 1, 1])
+  )
   # Fold 1's training pairs are all genuine -> accept everything (-inf): both impostors wrong.
   np.testing.assert_array_equal(all_genuine_training["fold_threshold"], [np.inf, -np.inf])
   np.testing.assert_array_equal(all_genuine_training["fold_accuracy"], [0.0, 0.0])
@@ -113,9 +115,9 @@ def test_roc_auc_and_eer_on_a_planted_overlap():
   scores = np.array([0.6, 0.7, 0.8, 0.9, 0.1, 0.2, 0.3, 0.65])
   is_same = np.array([True] * 4 + [False] * 4)
   far, tar, thresholds = verification_metrics.roc_curve(scores, is_same)
-  np.testing.assert_array_equal(far, [0, 0, 0, 0, .25, .25, .5, .75, 1])
-  np.testing.assert_array_equal(tar, [0, .25, .5, .75, .75, 1, 1, 1, 1])
-  np.testing.assert_array_equal(thresholds, [.9, .8, .7, .65, .6, .3, .2, .1, -np.inf])
+  np.testing.assert_array_equal(far, [0, 0, 0, 0, 0.25, 0.25, 0.5, 0.75, 1])
+  np.testing.assert_array_equal(tar, [0, 0.25, 0.5, 0.75, 0.75, 1, 1, 1, 1])
+  np.testing.assert_array_equal(thresholds, [0.9, 0.8, 0.7, 0.65, 0.6, 0.3, 0.2, 0.1, -np.inf])
   metrics = _metrics(scores, is_same, folds=2)
   assert metrics["auc"] == 15 / 16  # 15 of the 16 genuine-impostor pairs are ordered right.
   assert metrics["eer"] == 0.25
@@ -138,8 +140,11 @@ def _brute_force_best_training_accuracy(scores, is_same):
 )
 def test_metrics_agree_with_brute_force(data, num_pairs):
   # Scores drawn from a handful of values, so ties are everywhere.
-  scores = data.draw(hnp.arrays(np.float64, num_pairs, elements=st.sampled_from(
-      [-0.5, 0.0, 0.125, 0.25, 0.5, 0.75, 1.0])))
+  scores = data.draw(
+      hnp.arrays(
+          np.float64, num_pairs, elements=st.sampled_from([-0.5, 0.0, 0.125, 0.25, 0.5, 0.75, 1.0])
+      )
+  )
   is_same = data.draw(hnp.arrays(bool, num_pairs))
   hypothesis.assume(is_same.any() and not is_same.all())
   num_folds = data.draw(st.integers(2, num_pairs // 2))
@@ -152,7 +157,8 @@ def test_metrics_agree_with_brute_force(data, num_pairs):
     threshold = metrics["fold_threshold"][k]
     # The learnt cut reaches the best training accuracy and never falls on a training score.
     assert np.mean((scores[train] > threshold) == is_same[train]) == pytest.approx(
-        _brute_force_best_training_accuracy(scores[train], is_same[train]))
+        _brute_force_best_training_accuracy(scores[train], is_same[train])
+    )
     assert threshold not in scores[train]
     assert metrics["fold_accuracy"][k] == np.mean((scores[test] > threshold) == is_same[test])
 
@@ -186,13 +192,15 @@ def test_fold_cuts_match_a_per_fold_reference(fold_ids):
   is_same = rng.random(num_pairs) < 0.4
   scores = (np.round((rng.normal(size=num_pairs) + 1.2 * is_same) * 16) / 16).astype(np.float32)
   fold = np.asarray(fold_ids)[rng.choice(len(fold_ids), num_pairs, p=[0.1, 0.2, 0.3, 0.4])]
-  metrics = verification_metrics.verification_metrics_from_scores(scores, is_same, fold,
-                                                                  fars=(1e-2,))
+  metrics = verification_metrics.verification_metrics_from_scores(
+      scores, is_same, fold, fars=(1e-2,)
+  )
 
   for k, fold_id in enumerate(sorted(fold_ids)):
     train, test = fold != fold_id, fold == fold_id
     threshold, _ = verification_metrics.best_accuracy_threshold(
-        scores[train].astype(np.float64), is_same[train])
+        scores[train].astype(np.float64), is_same[train]
+    )
     assert metrics["fold_threshold"][k] == threshold
     assert metrics["fold_accuracy"][k] == np.mean((scores[test] > threshold) == is_same[test])
   impostor = np.sort(scores[~is_same])
@@ -207,8 +215,9 @@ def test_pair_scores_across_blocks(dtype):
   rng = np.random.default_rng(3)
   emb_a, emb_b = (rng.normal(size=(300, 512)).astype(dtype) for _ in range(2))
   exact = np.einsum("ij,ij->i", emb_a.astype(np.float64), emb_b.astype(np.float64)) / (
-      np.linalg.norm(emb_a.astype(np.float64), axis=1) *
-      np.linalg.norm(emb_b.astype(np.float64), axis=1))
+      np.linalg.norm(emb_a.astype(np.float64), axis=1)
+      * np.linalg.norm(emb_b.astype(np.float64), axis=1)
+  )
   scores = verification_metrics.pair_scores(emb_a, emb_b)
   assert scores.dtype == np.float32 and scores.shape == (300,)
   if dtype == np.float64:  # float64 embeddings: the exact cosines, rounded once.
@@ -218,10 +227,10 @@ def test_pair_scores_across_blocks(dtype):
 
 
 def test_consecutive_folds_match_the_published_blocks():
-  np.testing.assert_array_equal(verification_metrics.consecutive_folds(6000)[::600],
-                                np.arange(10))
-  np.testing.assert_array_equal(np.bincount(verification_metrics.consecutive_folds(23, 4)),
-                                [6, 6, 6, 5])
+  np.testing.assert_array_equal(verification_metrics.consecutive_folds(6000)[::600], np.arange(10))
+  np.testing.assert_array_equal(
+      np.bincount(verification_metrics.consecutive_folds(23, 4)), [6, 6, 6, 5]
+  )
   # A .bin of fewer pairs than folds still gets fold ids (datasets/face_verification.py uses this
   # function); the last folds are empty, and the metrics refuse to cross-validate over them.
   np.testing.assert_array_equal(verification_metrics.consecutive_folds(4), [0, 1, 2, 3])
@@ -231,7 +240,13 @@ def test_consecutive_folds_match_the_published_blocks():
 
 def test_far_labels():
   assert [verification_metrics.far_label(f) for f in (0.1, 1e-2, 3e-3, 3e-4, 2.5e-4, 1.0)] == [
-      "1e-1", "1e-2", "3e-3", "3e-4", "2.5e-4", "1e0"]
+      "1e-1",
+      "1e-2",
+      "3e-3",
+      "3e-4",
+      "2.5e-4",
+      "1e0",
+  ]
 
 
 def test_verification_metrics_scores_cosines_of_unnormalised_embeddings():
@@ -247,20 +262,24 @@ def test_verification_metrics_scores_cosines_of_unnormalised_embeddings():
   assert from_embeddings["accuracy"] == from_scores["accuracy"] == 1.0
 
 
-@pytest.mark.parametrize("scores, is_same, folds, fars, message", [
-    ([0.1, np.nan, 0.3, 0.4], [1, 0, 1, 0], 2, (0.1,), "not finite"),
-    ([0.1, 0.2, 0.3, 0.4], [1, 1, 1, 1], 2, (0.1,), "both genuine and impostor"),
-    ([0.1, 0.2, 0.3, 0.4], [1, 2, 1, 0], 2, (0.1,), "boolean"),
-    ([0.1, 0.2, 0.3, 0.4], [1, 0, 1, 0], 1, (0.1,), "num_folds"),
-    ([0.1, 0.2, 0.3, 0.4], [1, 0, 1, 0], np.zeros(4, int), (0.1,), "single fold"),
-    ([0.1, 0.2, 0.3, 0.4], [1, 0, 1, 0], np.zeros(3, int), (0.1,), "fold id per pair"),
-    ([0.1, 0.2, 0.3, 0.4], [1, 0, 1, 0], 2, (0.0,), "fars"),
-    ([0.1, 0.2, 0.3], [1, 0, 1, 0], 2, (0.1,), "same length"),
-])
+@pytest.mark.parametrize(
+    "scores, is_same, folds, fars, message",
+    [
+        ([0.1, np.nan, 0.3, 0.4], [1, 0, 1, 0], 2, (0.1,), "not finite"),
+        ([0.1, 0.2, 0.3, 0.4], [1, 1, 1, 1], 2, (0.1,), "both genuine and impostor"),
+        ([0.1, 0.2, 0.3, 0.4], [1, 2, 1, 0], 2, (0.1,), "boolean"),
+        ([0.1, 0.2, 0.3, 0.4], [1, 0, 1, 0], 1, (0.1,), "num_folds"),
+        ([0.1, 0.2, 0.3, 0.4], [1, 0, 1, 0], np.zeros(4, int), (0.1,), "single fold"),
+        ([0.1, 0.2, 0.3, 0.4], [1, 0, 1, 0], np.zeros(3, int), (0.1,), "fold id per pair"),
+        ([0.1, 0.2, 0.3, 0.4], [1, 0, 1, 0], 2, (0.0,), "fars"),
+        ([0.1, 0.2, 0.3], [1, 0, 1, 0], 2, (0.1,), "same length"),
+    ],
+)
 def test_bad_input_is_named(scores, is_same, folds, fars, message):
   with pytest.raises(ValueError, match=message):
-    verification_metrics.verification_metrics_from_scores(np.asarray(scores, np.float64),
-                                                          np.asarray(is_same), folds, fars)
+    verification_metrics.verification_metrics_from_scores(
+        np.asarray(scores, np.float64), np.asarray(is_same), folds, fars
+    )
 
 
 def test_zero_embedding_is_rejected():
@@ -273,9 +292,14 @@ def test_hetd_pools_fold_by_fold():
   metrics = verification_metrics.hetd_metrics(parts)
   assert metrics["num_genuine"] == metrics["num_impostor"] == 95
   assert [key for key in metrics if key.startswith("tar@")] == [
-      "tar@far=1e-1", "tar@far=1e-2", "tar@far=1e-3", "tar@far=3e-4"]
+      "tar@far=1e-1",
+      "tar@far=1e-2",
+      "tar@far=1e-3",
+      "tar@far=3e-4",
+  ]
   pooled = verification_metrics.pool_scores(parts)
-  expected = _metrics(pooled["scores"], pooled["is_same"], pooled["fold"],
-                      verification_metrics.HETD_FARS)
+  expected = _metrics(
+      pooled["scores"], pooled["is_same"], pooled["fold"], verification_metrics.HETD_FARS
+  )
   assert metrics["accuracy"] == expected["accuracy"]
   assert len(metrics["fold_accuracy"]) == 10

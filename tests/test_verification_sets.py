@@ -14,16 +14,13 @@ from fixtures_data import SMALL_SYNTHETIC, encoded_image
 from fixtures_data import python2_pair_bin
 
 
-
 def _pil_pixels(data: bytes) -> np.ndarray:
   return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-
-
 def test_synthetic_verification_set(synthetic_config):
   pairs = verification_sets.load_verification_set(
-    "synthetic", data_dir=synthetic_config.data_dir, image_size=12, builder_kwargs=SMALL_SYNTHETIC
+      "synthetic", data_dir=synthetic_config.data_dir, image_size=12, builder_kwargs=SMALL_SYNTHETIC
   )
   # 4 held-out identities x 3 images: 12 genuine pairs and as many impostors.
   assert pairs["image_a"].shape == pairs["image_b"].shape == (24, 12, 12, 3)
@@ -36,10 +33,13 @@ def test_bin_verification_set(tmp_path):
   bins = [encoded_image(i, size=(112, 112)) for i in range(8)]
   (tmp_path / "manual").mkdir()
   (tmp_path / "manual" / "agedb_30.bin").write_bytes(
-    python2_pair_bin(bins, [True, False, True, False])
+      python2_pair_bin(bins, [True, False, True, False])
   )
   pairs = verification_sets.load_verification_set(
-    "agedb_30", data_dir=str(tmp_path / "tfds"), image_size=112, manual_dir=str(tmp_path / "manual")
+      "agedb_30",
+      data_dir=str(tmp_path / "tfds"),
+      image_size=112,
+      manual_dir=str(tmp_path / "manual"),
   )
   assert pairs["is_same"].tolist() == [True, False, True, False]
   assert pairs["fold"].tolist() == [0, 1, 2, 3]
@@ -66,7 +66,7 @@ def _write_pairs_tree(root, bins, issame, per_fold):
   lines = [f"{len(issame) // (2 * per_fold)}\t{per_fold}"]
   for i, same in enumerate(issame):
     a, b = (f"P{i}", 1), (f"P{i}", 2) if same else (f"Q{i}", 1)
-    for (name, number), data in zip((a, b), bins[2 * i:2 * i + 2]):
+    for (name, number), data in zip((a, b), bins[2 * i : 2 * i + 2]):
       (root / name).mkdir(parents=True, exist_ok=True)
       (root / name / f"{name}_{number:04d}.jpg").write_bytes(data)
     lines.append(f"P{i}\t1\t2" if same else f"P{i}\t1\tQ{i}\t1")
@@ -96,14 +96,14 @@ def test_own_set_by_path(own_set, tmp_path):
   root, bins, issame = own_set
   data_dir = str(tmp_path / "tfds")
   entries = [
-    str(root / "mine.bin"),
-    f"{root / 'pairs_mine.txt'}@{root / 'mine_images'}",
-    str(root / "pairs.txt"),
+      str(root / "mine.bin"),
+      f"{root / 'pairs_mine.txt'}@{root / 'mine_images'}",
+      str(root / "pairs.txt"),
   ]
   assert [verification_sets.set_name(e) for e in entries] == ["mine", "mine", "lfw"]
   assert verification_sets.set_name("cfp_fp") == "cfp_fp"
   by_bin, by_pairs, by_lfw = (
-    verification_sets.load_verification_set(e, data_dir=data_dir, image_size=24) for e in entries
+      verification_sets.load_verification_set(e, data_dir=data_dir, image_size=24) for e in entries
   )
   assert by_bin["is_same"].tolist() == issame
   assert by_bin["fold"].tolist() == [f for f in range(10) for _ in range(2)]
@@ -150,7 +150,7 @@ def test_train_names_path_sets_by_stem(own_set, tmp_path):
   config = tiny_demo_config()
   config.dataset.image_size = 24
   loaded = train.load_verification_sets(
-    config, names=[str(root / "mine.bin")], data_dir=str(tmp_path / "tfds")
+      config, names=[str(root / "mine.bin")], data_dir=str(tmp_path / "tfds")
   )
   assert list(loaded) == ["mine"]
 
@@ -158,18 +158,16 @@ def test_train_names_path_sets_by_stem(own_set, tmp_path):
 def test_lfw_dev_by_bin_and_by_pairs_file(lfw_dev_dir, data_dir):
   """dev.bin and pairs_dev.txt@dev_images are the same 600 pairs: the same pixels (PIL's) and
   labels, in 10 folds of 30 genuine then 30 impostor pairs."""
-  by_bin = verification_sets.load_verification_set(
-    str(lfw_dev_dir / "dev.bin"), data_dir=data_dir
-  )
+  by_bin = verification_sets.load_verification_set(str(lfw_dev_dir / "dev.bin"), data_dir=data_dir)
   by_pairs = verification_sets.load_verification_set(
-    f"{lfw_dev_dir / 'pairs_dev.txt'}@{lfw_dev_dir / 'dev_images'}", data_dir=data_dir
+      f"{lfw_dev_dir / 'pairs_dev.txt'}@{lfw_dev_dir / 'dev_images'}", data_dir=data_dir
   )
   _assert_same_set(by_bin, by_pairs)
   assert by_bin["image_a"].shape == (600, 112, 112, 3) and by_bin["image_a"].dtype == np.uint8
   assert np.bincount(by_bin["fold"]).tolist() == [60] * 10
   assert by_bin["is_same"].tolist() == ([True] * 30 + [False] * 30) * 10
   listed = face_verification.read_lfw_pairs(
-    lfw_dev_dir / "pairs_dev.txt", lfw_dev_dir / "dev_images"
+      lfw_dev_dir / "pairs_dev.txt", lfw_dev_dir / "dev_images"
   )
   for i in (0, 299, 599):
     for key, path in (("image_a", listed[i][0]), ("image_b", listed[i][1])):

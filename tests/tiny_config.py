@@ -2,8 +2,13 @@
 
 from configs import demo
 
-TINY_DATA = {"num_identities": 16, "images_per_identity": 4, "num_heldout_identities": 4,
-             "heldout_images_per_identity": 3, "image_size": 32}
+TINY_DATA = {
+    "num_identities": 16,
+    "images_per_identity": 4,
+    "num_heldout_identities": 4,
+    "heldout_images_per_identity": 3,
+    "image_size": 32,
+}
 
 
 def tiny_demo_config(**overrides):

@@ -9,8 +9,11 @@ EMBEDDING_DIM = 5
 
 def projection() -> np.ndarray:
   """The toy network's weights: a fixed random map of the flattened pixels to EMBEDDING_DIM."""
-  return np.random.default_rng(0).normal(
-      size=(int(np.prod(IMAGE_SHAPE)), EMBEDDING_DIM)).astype(np.float32)
+  return (
+      np.random.default_rng(0)
+      .normal(size=(int(np.prod(IMAGE_SHAPE)), EMBEDDING_DIM))
+      .astype(np.float32)
+  )
 
 
 def toy_embed(weights, images):
@@ -27,8 +30,9 @@ def reference_embeddings(weights, images_uint8, flip):
   x = (images_uint8.astype(np.float32) - 127.5) / 128
   emb = x.reshape(len(x), -1) @ weights
   emb_flipped = x[:, :, ::-1].reshape(len(x), -1) @ weights
-  emb = {"none": emb, "sum": emb + emb_flipped,
-         "concat": np.concatenate([emb, emb_flipped], 1)}[flip]
+  emb = {"none": emb, "sum": emb + emb_flipped, "concat": np.concatenate([emb, emb_flipped], 1)}[
+      flip
+  ]
   return emb / np.linalg.norm(emb, axis=1, keepdims=True)
 
 
@@ -41,6 +45,9 @@ def planted_hetd_scores(seed=1):
   parts = {}
   for name, size in (("lfw", 60), ("cfp_fp", 70), ("agedb_30", 60)):
     is_same = np.tile([True, False], size // 2)
-    parts[name] = {"scores": np.where(is_same, 0.6, 0.0) + rng.normal(0, 0.3, size),
-                   "is_same": is_same, "fold": verification_metrics.consecutive_folds(size)}
+    parts[name] = {
+        "scores": np.where(is_same, 0.6, 0.0) + rng.normal(0, 0.3, size),
+        "is_same": is_same,
+        "fold": verification_metrics.consecutive_folds(size),
+    }
   return parts

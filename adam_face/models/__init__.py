@@ -37,8 +37,9 @@ def _module_class(factory):
   return factory.func if isinstance(factory, functools.partial) else factory
 
 
-def create_model(name: str, *, embedding_dim: int = 512, dtype=jnp.float32,
-                 dropout_rate: float = 0.0, **kwargs):
+def create_model(
+    name: str, *, embedding_dim: int = 512, dtype=jnp.float32, dropout_rate: float = 0.0, **kwargs
+):
   """Returns the backbone `name` (one of MODEL_NAMES) as an unbound flax.linen Module.
 
   Args:
@@ -63,9 +64,11 @@ def create_model(name: str, *, embedding_dim: int = 512, dtype=jnp.float32,
   unknown = sorted(set(kwargs) - accepted)
   if unknown:
     raise TypeError(
-        f"Model {name!r} does not take {unknown}; it takes: {', '.join(sorted(accepted))}.")
-  return _FACTORIES[name](embedding_dim=embedding_dim, dtype=dtype, dropout_rate=dropout_rate,
-                          **kwargs)
+        f"Model {name!r} does not take {unknown}; it takes: {', '.join(sorted(accepted))}."
+    )
+  return _FACTORIES[name](
+      embedding_dim=embedding_dim, dtype=dtype, dropout_rate=dropout_rate, **kwargs
+  )
 
 
 def count_macs(model, image_shape=(1, 112, 112, 3)) -> int:

@@ -35,8 +35,14 @@ CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 def batch_norm(train: bool, dtype: Any, **kwargs) -> functools.partial:
   """BatchNorm with insightface's epsilon and momentum; statistics always kept in float32."""
   return functools.partial(
-      nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-      dtype=dtype, param_dtype=jnp.float32, **kwargs)
+      nn.BatchNorm,
+      use_running_average=not train,
+      momentum=BN_MOMENTUM,
+      epsilon=BN_EPSILON,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      **kwargs,
+  )
 
 
 def check_images(images) -> None:
@@ -44,11 +50,13 @@ def check_images(images) -> None:
   if images.ndim != 4:
     raise ValueError(
         f"Expected images of shape [batch, height, width, channels], got shape {images.shape}; "
-        "add a batch axis for a single image.")
+        "add a batch axis for a single image."
+    )
   if not jnp.issubdtype(images.dtype, jnp.floating):
     raise ValueError(
         f"Expected float images normalised as (x - 127.5) / 128, got dtype {images.dtype}; "
-        "normalise the images before calling the model.")
+        "normalise the images before calling the model."
+    )
 
 
 class PReLU(nn.Module):
@@ -139,16 +147,25 @@ class IResNet(nn.Module):
     if len(self.stage_depths) != len(self.stage_widths):
       raise ValueError(
           f"stage_depths {tuple(self.stage_depths)} and stage_widths {tuple(self.stage_widths)} "
-          "must have one entry per stage.")
+          "must have one entry per stage."
+      )
     if min(self.stage_depths) < 1:
       raise ValueError(f"Every stage needs at least one unit, got depths {self.stage_depths}.")
     x = images.astype(self.dtype)
-    x = nn.Conv(self.stage_widths[0], (3, 3), padding=1, use_bias=False, dtype=self.dtype,
-                kernel_init=CONV_INIT, name="stem_conv")(x)
+    x = nn.Conv(
+        self.stage_widths[0],
+        (3, 3),
+        padding=1,
+        use_bias=False,
+        dtype=self.dtype,
+        kernel_init=CONV_INIT,
+        name="stem_conv",
+    )(x)
     x = batch_norm(train, self.dtype)(name="stem_bn")(x)
     x = PReLU(name="stem_prelu")(x)
     for stage, (depth, width) in enumerate(zip(self.stage_depths, self.stage_widths), start=1):
       for unit in range(1, depth + 1):
-        x = IRUnit(width, strides=2 if unit == 1 else 1, dtype=self.dtype,
-                   name=f"stage{stage}_unit{unit}")(x, train)
+        x = IRUnit(
+            width, strides=2 if unit == 1 else 1, dtype=self.dtype, name=f"stage{stage}_unit{unit}"
+        )(x, train)
     return EmbeddingHead(self.embedding_dim, self.dropout_rate, self.dtype, name="head")(x, train)

@@ -40,8 +40,10 @@ _depthwise_implementation = contextvars.ContextVar("depthwise_implementation", d
 
 def _check_implementation(name: str) -> None:
   if name not in DEPTHWISE_IMPLEMENTATIONS:
-    raise ValueError(f"Unknown depthwise implementation {name!r}; valid: "
-                     f"{', '.join(DEPTHWISE_IMPLEMENTATIONS)}.")
+    raise ValueError(
+        f"Unknown depthwise implementation {name!r}; valid: "
+        f"{', '.join(DEPTHWISE_IMPLEMENTATIONS)}."
+    )
 
 
 @contextlib.contextmanager
@@ -64,8 +66,9 @@ def depthwise_implementation(name: str):
     _depthwise_implementation.reset(token)
 
 
-def depthwise_conv(x, kernel, strides: int = 1, padding: int = 0,
-                   implementation: str | None = None):
+def depthwise_conv(
+    x, kernel, strides: int = 1, padding: int = 0, implementation: str | None = None
+):
   """Depthwise convolution of NHWC `x` with an HWIO `kernel` [kh, kw, 1, C] of x's dtype.
 
   Args:
@@ -88,8 +91,13 @@ def depthwise_conv(x, kernel, strides: int = 1, padding: int = 0,
     implementation = "shifted" if jax.default_backend() == "cpu" else "conv"
   if implementation == "conv":
     return lax.conv_general_dilated(
-        x, kernel, (strides, strides), ((padding, padding), (padding, padding)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+        x,
+        kernel,
+        (strides, strides),
+        ((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1],
+    )
   return _shifted_depthwise_conv(x, kernel, strides, padding)
 
 
@@ -105,9 +113,11 @@ def _window(padded, i: int, j: int, out_h: int, out_w: int, strides: int):
   """What tap (i, j) sees: padded[:, i + strides * h, j + strides * w, :], h < out_h, w < out_w."""
   batch, _, _, channels = padded.shape
   return lax.slice(
-      padded, (0, i, j, 0),
+      padded,
+      (0, i, j, 0),
       (batch, i + (out_h - 1) * strides + 1, j + (out_w - 1) * strides + 1, channels),
-      (1, strides, strides, 1))
+      (1, strides, strides, 1),
+  )
 
 
 def _correlate(padded, weights, strides: int):
@@ -115,9 +125,14 @@ def _correlate(padded, weights, strides: int):
   kernel_h, kernel_w = weights.shape[:2]
   out_h = (padded.shape[1] - kernel_h) // strides + 1
   out_w = (padded.shape[2] - kernel_w) // strides + 1
-  return functools.reduce(operator.add, (
-      _window(padded, i, j, out_h, out_w, strides) * weights[i, j]
-      for i in range(kernel_h) for j in range(kernel_w)))
+  return functools.reduce(
+      operator.add,
+      (
+          _window(padded, i, j, out_h, out_w, strides) * weights[i, j]
+          for i in range(kernel_h)
+          for j in range(kernel_w)
+      ),
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -146,16 +161,25 @@ def _shifted_depthwise_conv_bwd(strides, padding, residuals, cotangent):
   cotangent = cotangent.astype(accumulate)
   weights = kernel[:, :, 0].astype(accumulate)
   (_, out_h, out_w, _), (_, height, width, _) = cotangent.shape, x.shape
-  dilated = lax.pad(cotangent, jnp.zeros((), accumulate), (
-      (0, 0, 0),
-      (kernel_h - 1 - padding, height + padding - 1 - (out_h - 1) * strides, strides - 1),
-      (kernel_w - 1 - padding, width + padding - 1 - (out_w - 1) * strides, strides - 1),
-      (0, 0, 0)))
+  dilated = lax.pad(
+      cotangent,
+      jnp.zeros((), accumulate),
+      (
+          (0, 0, 0),
+          (kernel_h - 1 - padding, height + padding - 1 - (out_h - 1) * strides, strides - 1),
+          (kernel_w - 1 - padding, width + padding - 1 - (out_w - 1) * strides, strides - 1),
+          (0, 0, 0),
+      ),
+  )
   x_grad = _correlate(dilated, weights[::-1, ::-1], 1)
   padded = _pad_spatial(x.astype(accumulate), padding)
-  kernel_grad = jnp.stack([
-      jnp.sum(_window(padded, i, j, out_h, out_w, strides) * cotangent, axis=(0, 1, 2))
-      for i in range(kernel_h) for j in range(kernel_w)])
+  kernel_grad = jnp.stack(
+      [
+          jnp.sum(_window(padded, i, j, out_h, out_w, strides) * cotangent, axis=(0, 1, 2))
+          for i in range(kernel_h)
+          for j in range(kernel_w)
+      ]
+  )
   return x_grad.astype(x.dtype), kernel_grad.reshape(kernel.shape).astype(kernel.dtype)
 
 
@@ -205,8 +229,7 @@ class Bottleneck(nn.Module):
     hidden = x.shape[-1] * self.expansion
     y = conv(hidden, (1, 1), name="expand_conv")(x)
     y = PReLU(name="expand_prelu")(norm(name="expand_bn")(y))
-    y = DepthwiseConv((3, 3), self.strides, padding=1, dtype=self.dtype,
-                      name="depthwise_conv")(y)
+    y = DepthwiseConv((3, 3), self.strides, padding=1, dtype=self.dtype, name="depthwise_conv")(y)
     y = PReLU(name="depthwise_prelu")(norm(name="depthwise_bn")(y))
     y = conv(self.features, (1, 1), name="project_conv")(y)
     y = norm(name="project_bn")(y)
@@ -242,8 +265,13 @@ class MobileFaceNet(nn.Module):
     for expansion, features, repeats, strides in BOTTLENECKS:
       for repeat in range(repeats):
         index += 1
-        x = Bottleneck(features, expansion, strides if repeat == 0 else 1, self.dtype,
-                       name=f"bottleneck{index}")(x, train)
+        x = Bottleneck(
+            features,
+            expansion,
+            strides if repeat == 0 else 1,
+            self.dtype,
+            name=f"bottleneck{index}",
+        )(x, train)
     x = conv(512, (1, 1), name="expand_conv")(x)
     x = PReLU(name="expand_prelu")(norm(name="expand_bn")(x))
     # Linear GDConv: one depthwise kernel spanning the whole remaining map, no nonlinearity.
