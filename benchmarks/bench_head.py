@@ -63,7 +63,7 @@ def worker_jax(num_classes: int, dtype: str, num_devices: int, steps: int) -> di
   sys.path.insert(0, REPO)
   import jax
   import jax.numpy as jnp
-  from adam_face import classifier
+  from adam_face import classifier, margins
 
   mesh = classifier.create_mesh(jax.devices()[:num_devices])
   compute_dtype = jnp.dtype(dtype)
@@ -79,11 +79,10 @@ def worker_jax(num_classes: int, dtype: str, num_devices: int, steps: int) -> di
         w,
         e,
         labels,
+        margins.ArcFace(s=S, m=M),
+        {},
         mesh=mesh,
         num_classes=num_classes,
-        kind="arcface",
-        s=S,
-        m=M,
         compute_dtype=compute_dtype,
     )[0]
 

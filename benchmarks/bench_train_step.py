@@ -36,7 +36,6 @@ it runs where only jax, flax, optax, ml_collections and torch are installed.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import multiprocessing
@@ -181,22 +180,12 @@ class AdamFaceStep:
         dtype=jnp.dtype(config.compute_dtype),
         dropout_rate=config.model.dropout_rate,
     )
-    learning_rate_fn = ts.create_learning_rate_fn(config, total_steps)
-    tx = ts.create_optimizer(config, learning_rate_fn)
     self.state, state_shardings = ts.create_train_state(
-        config, self.model, self.mesh, (num_classes,), tx
+        config, self.model, self.mesh, (num_classes,), total_steps
     )
     self.batch_sharding = batch_sharding = NamedSharding(self.mesh, P(classifier.MESH_AXIS))
     self.step_fn = jax.jit(
-        functools.partial(
-            ts.train_step,
-            model=self.model,
-            tx=tx,
-            learning_rate_fn=learning_rate_fn,
-            mesh=self.mesh,
-            num_classes=(num_classes,),
-            config=config,
-        ),
+        ts.train_step,
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, None),
         donate_argnums=0,

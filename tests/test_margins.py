@@ -35,7 +35,7 @@ KINDS = (
     "elasticface_cos",
 )
 AUTO_MARGIN_KINDS = ("arcface", "cosface", "adm")
-# The papers' main face-recognition settings (the old modern_losses.PAPER_DEFAULTS).
+# The papers' main face-recognition settings, written out apart from margins.py's defaults.
 PAPER_DEFAULTS = {
     "subcenter_arcface": {"s": 64.0, "m": 0.5, "num_subcenters": 3},
     "curricularface": {"s": 64.0, "m": 0.5, "t_alpha": 0.01},

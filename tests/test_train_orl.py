@@ -40,10 +40,9 @@ def orl_config(orl_dir):
 def test_training_on_orl_beats_the_untrained_network(orl_config, tmp_path, mesh8):
   sets = train.load_verification_sets(orl_config)
   model = models.create_model(orl_config.model.name, embedding_dim=orl_config.model.embedding_dim)
-  tx = train_step.create_optimizer(orl_config, train_step.create_learning_rate_fn(orl_config, 1))
-  untrained_state, _ = train_step.create_train_state(orl_config, model, mesh8, (30,), tx)
+  untrained_state, _ = train_step.create_train_state(orl_config, model, mesh8, (30,), 1)
   untrained = verification.Evaluator(sets, batch_size=256, mesh=mesh8)(
-      train_step.embed_fn_for(model, untrained_state)
+      train_step.embed_fn_for(untrained_state)
   ).metrics["orl"]
 
   trained = train.train_and_evaluate(orl_config, str(tmp_path))["metrics"]["orl"]
