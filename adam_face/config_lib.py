@@ -46,7 +46,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   path, _, argument = spec.partition(":")
   if not os.path.isfile(path):
     raise ValueError(
-        f"--config={spec}: {path} is not a file; give a config file such as " "configs/demo.py."
+        f"--config={spec}: {path} is not a file; give a config file such as configs/demo.py."
     )
   module_spec = importlib.util.spec_from_file_location("adam_face_command_line_config", path)
   module = importlib.util.module_from_spec(module_spec)

@@ -2,7 +2,7 @@
 
   python -m adam_face.evaluate --workdir=/tmp/run --sets=lfw,cfp_fp,agedb_30
 
-Prints one row per set in the ADAM tables' format (acc / TAR@FAR=1e-1 / 1e-2 / 3e-3 / 1e-3, percent),
+Prints one row per set in the ADAM tables' format (acc / TAR@FAR=1e-1 / 1e-2 / 3e-3 / 1e-3, in %),
 plus HETD when lfw, cfp_fp and agedb_30 are all given, and writes `eval_<step>.json` and
 `roc_<step>.png` into the workdir. The model is rebuilt from the `config.json` training wrote there.
 """

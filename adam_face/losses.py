@@ -82,7 +82,7 @@ def _checked_feature_norm(feature_norm, batch: int) -> jax.Array:
   feature_norm = jnp.asarray(feature_norm, jnp.float32)
   if feature_norm.shape != (batch,):
     raise ValueError(
-        f"feature_norm must hold one value per row, shape ({batch},); got " f"{feature_norm.shape}."
+        f"feature_norm must hold one value per row, shape ({batch},); got {feature_norm.shape}."
     )
   return feature_norm
 

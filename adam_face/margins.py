@@ -112,7 +112,7 @@ class Margin:
   def __post_init__(self):
     _require(
         self.s > 0,
-        f"{self.kind}: the scale s must be > 0 (the papers use 30 to 64), " f"got {self.s}.",
+        f"{self.kind}: the scale s must be > 0 (the papers use 30 to 64), got {self.s}.",
     )
     self.validate()
 
@@ -289,8 +289,8 @@ class CosFace(AdditiveMargin):
   """Target s * (cos - m).
 
   Wang et al.: "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018 (s = 64,
-  m = 0.35); also Wang, Cheng, Liu, Liu: "Additive Margin Softmax for Face Verification" (AM-Softmax),
-  IEEE SPL 2018.
+  m = 0.35); also Wang, Cheng, Liu, Liu: "Additive Margin Softmax for Face Verification"
+  (AM-Softmax), IEEE SPL 2018.
   """
 
   kind: ClassVar[str] = "cosface"

@@ -70,7 +70,7 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, total_steps: int)
     main = optax.constant_schedule(peak)
   else:
     raise ValueError(
-        f"optimizer.schedule={opt.schedule!r}; valid: polynomial, cosine, step, " "constant."
+        f"optimizer.schedule={opt.schedule!r}; valid: polynomial, cosine, step, constant."
     )
   if not warmup:
     return main

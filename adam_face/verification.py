@@ -50,7 +50,7 @@ class Evaluator:
       raise ValueError("Evaluator needs at least one verification set.")
     if verification_metrics.HETD_NAME in sets:
       raise ValueError(
-          f"{verification_metrics.HETD_NAME!r} is reserved for the pooled " "hard-examples set."
+          f"{verification_metrics.HETD_NAME!r} is reserved for the pooled hard-examples set."
       )
     for name, data in sets.items():
       missing = {"image_a", "image_b", "is_same", "fold"} - set(data)

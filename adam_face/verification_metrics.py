@@ -95,7 +95,7 @@ def consecutive_folds(num_pairs: int, num_folds: int = 10) -> np.ndarray:
   """
   if num_folds < 1 or num_pairs < 0:
     raise ValueError(
-        f"num_folds={num_folds} must be positive and num_pairs={num_pairs} " "non-negative."
+        f"num_folds={num_folds} must be positive and num_pairs={num_pairs} non-negative."
     )
   sizes = np.full(num_folds, num_pairs // num_folds)
   sizes[: num_pairs % num_folds] += 1
