@@ -43,7 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- pair verification, run every `eval_every_steps` and at the end
   config.verification = ml_collections.ConfigDict()
-  config.verification.sets = ("synthetic",)  # lfw, cfp_fp, cfp_ff, agedb_30, calfw, cplfw, ...
+  # Built-in names (lfw, cfp_fp, cfp_ff, agedb_30, calfw, cplfw, vgg2_fp, synthetic, orl) or paths:
+  # "/data/dev.bin", or "/data/pairs_dev.txt@/data/dev_images"; a path's set is named after its file.
+  config.verification.sets = ("synthetic",)
   config.verification.data_dir = ""  # As dataset.data_dir.
   config.verification.manual_dir = ""  # Where the .bin files lie; as dataset.manual_dir.
   config.verification.flip = "sum"  # Flip test: none | sum | concat.
