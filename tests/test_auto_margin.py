@@ -1,13 +1,14 @@
 """The auto-margin of the ADAM table rows, simulated over their step budgets on a real run's curve.
 
 The curve is the batch acc (arg-max of the cosines) and acc_margin (arg-max of the margin logits,
-m = 0.3) logged by a real run on LFW people:
+m = 0.3) logged every 50 steps (`train_log.jsonl`) by a real run on LFW people, 2026-11-30:
 
-  python -m adam_face.main --config=configs/lfw_dev.py:adm_s30 --workdir=/tmp/adm_long \
+  python -m adam_face.main --config=configs/lfw_dev.py:adam --workdir=/tmp/adam_long \
       --config.num_train_steps=1500 --config.optimizer.polynomial_power=2
 
-(`train_log.jsonl`, every 50 steps; measured with this file's adam row as it stood then, target
-0.5, which the run never reached, so its m stayed at 0.3 throughout as in adm_s30). The
+with configs/lfw_dev.py's adam row as it stood then: auto-margin target 0.5, which the run never
+reached, so m stayed at 0.3 throughout, as in the adm_s30 row (the polynomial power was then the
+default, 2). The
 simulation stretches the curve over a table row's steps, lets acc_margin respond to the margin in
 use (linearly between acc at m = 0 and the logged acc_margin at m = 0.3, so a larger margin is met
 less often), draws each step's batch as a binomial sample of the global batch, and runs
