@@ -8,10 +8,11 @@ m = 0.3) logged every 50 steps (`train_log.jsonl`) by a real run on LFW people, 
 
 with configs/lfw_dev.py's adam row as it stood then: auto-margin target 0.5, which the run never
 reached, so m stayed at 0.3 throughout, as in the adm_s30 row (the polynomial power was then the
-default, 2). The
-simulation stretches the curve over a table row's steps, lets acc_margin respond to the margin in
-use (linearly between acc at m = 0 and the logged acc_margin at m = 0.3, so a larger margin is met
-less often), draws each step's batch as a binomial sample of the global batch, and runs
+default, 2).
+
+The simulation stretches the curve over a table row's steps, lets acc_margin respond to the margin
+in use (linearly between acc at m = 0 and the logged acc_margin at m = 0.3, so a larger margin is
+met less often), draws each step's batch as a binomial sample of the global batch, and runs
 margins.AutoMargin.update step by step.
 """
 
