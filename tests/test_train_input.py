@@ -190,7 +190,7 @@ def test_jpegs_decode_exactly_as_pil_decodes(quality):
   assert not np.array_equal(fast, _as_pil_decodes(data)), "the check could not tell them apart"
 
 
-@pytest.mark.slow  # Every lfw_dev JPEG (8,790 files): about a minute on 2 cores.
+@pytest.mark.slow  # Took about a minute in the full suite on 2 cores (globs the 8k-file tree).
 def test_lfw_dev_jpegs_decode_exactly_as_pil_decodes(lfw_dev_dir):
   files = (
       sorted((lfw_dev_dir / "train").glob("*/*.jpg"))[::400]
