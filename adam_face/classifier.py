@@ -32,7 +32,7 @@ weight decay keep moving unsampled rows; the lazy rule keeps "unsampled" meaning
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -20,7 +20,6 @@ dataset_config fields read (a ConfigDict; config_lib.default_dataset_config() ma
 
 import jax
 from jax.experimental import multihost_utils
-import ml_collections
 import tensorflow_datasets as tfds
 
 import datasets  # noqa: F401  Importing the package registers all its builders with TFDS.
