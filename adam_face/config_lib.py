@@ -70,6 +70,14 @@ def command_line_overrides(args) -> tuple[str | None, list[tuple[str, str]]]:
   return spec, overrides
 
 
+def set_field(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
+  """config.<path> = value for a dotted path such as "optimizer.learning_rate"."""
+  *parents, key = path.split(".")
+  for parent in parents:
+    config = config[parent]
+  config[key] = value
+
+
 def check_override(config: ml_collections.ConfigDict, path: str) -> bool:
   """Whether `--config.<path>` adds a key to one of OPEN_DICTS (True) or sets a field the config
   has (False); a one-line ValueError naming the valid fields (and a close match) otherwise."""

@@ -59,14 +59,11 @@ def parse_flags(argv):
   remaining = app.parse_flags_with_usage(kept)
   with FLAGS.config.unlocked():
     for path, value in new_keys:
-      *parents, key = path.split(".")
-      node = FLAGS.config
-      for parent in parents:
-        node = node[parent]
       try:
-        node[key] = ast.literal_eval(value)
+        value = ast.literal_eval(value)
       except (ValueError, SyntaxError):
-        node[key] = value
+        pass  # Not a Python literal: the string itself.
+      config_lib.set_field(FLAGS.config, path, value)
   return remaining
 
 

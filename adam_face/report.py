@@ -59,6 +59,10 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str) -> 
   figure.savefig(path, format="png")
 
 
+# The training scalars of every logged step, one JSON row each, in the workdir (train.py writes it).
+TRAIN_LOG = "train_log.jsonl"
+
+
 def read_train_log(path: str) -> list[dict[str, float]]:
   """The rows of a workdir's train_log.jsonl, one per logged step, in step order.
 

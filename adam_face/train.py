@@ -113,7 +113,7 @@ def _evaluate(evaluator, state, step, writer, workdir, best):
   writer.write_scalars(step, {f"best/{k}": v for k, v in best.items()})
   if jax.process_index() == 0:
     report.plot_roc(result.curves, os.path.join(workdir, "roc.png"))
-    train_log = os.path.join(workdir, "train_log.jsonl")
+    train_log = os.path.join(workdir, report.TRAIN_LOG)
     if os.path.exists(train_log):  # The auto-margin at work: margin and acc_margin by step.
       report.plot_margin_trajectory(
           report.read_train_log(train_log), os.path.join(workdir, "margin.png")
@@ -206,7 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start_step and os.path.exists(best_path):
     with open(best_path) as f:
       best = json.load(f)
-  train_log_path = os.path.join(workdir, "train_log.jsonl")
+  train_log_path = os.path.join(workdir, report.TRAIN_LOG)
   window_metrics, window_start = [], time.perf_counter()
   step = last_saved = start_step
   preempted = False

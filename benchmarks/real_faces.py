@@ -45,20 +45,14 @@ PRESETS = {
 }
 
 
-def _set(config, path, value):
-  *parents, leaf = path.split(".")
-  for key in parents:
-    config = config[key]
-  config[leaf] = value
-
-
 def run_config(row, seed, overrides):
+  from adam_face import config_lib  # pylint: disable=g-import-not-at-top
   from configs import lfw_dev  # pylint: disable=g-import-not-at-top
 
   config = lfw_dev.get_config(row)
   config.seed = seed
   for path, value in overrides.items():
-    _set(config, path, value)
+    config_lib.set_field(config, path, value)
   config.verification.eval_every_steps = config.num_train_steps  # Only the final evaluation.
   config.checkpoint_every_steps = config.num_train_steps
   return config
@@ -73,7 +67,7 @@ def train_row(row, seed, overrides, workdir):
   results = train.train_and_evaluate(config, workdir)
   seconds = time.perf_counter() - start
   (dev,) = results["metrics"].values()
-  log = report.read_train_log(os.path.join(workdir, "train_log.jsonl"))
+  log = report.read_train_log(os.path.join(workdir, report.TRAIN_LOG))
   return {
       "row": row,
       "seed": seed,

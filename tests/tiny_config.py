@@ -1,5 +1,6 @@
 """The demo config shrunk to seconds: shared by the end-to-end tests and the multi-host worker."""
 
+from adam_face import config_lib
 from configs import demo
 
 TINY_DATA = {
@@ -24,9 +25,5 @@ def tiny_demo_config(**overrides):
   config.verification.eval_every_steps = 4
   config.optimizer.warmup_steps = 2
   for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
+    config_lib.set_field(config, key, value)
   return config
