@@ -26,6 +26,7 @@ _CHOICES = {
     "compute_dtype": ("float32", "bfloat16"),
     "verification.flip": ("none", "sum", "concat"),
     "model.name": models.MODEL_NAMES,
+    "nonfinite_policy": ("stop", "skip"),
 }
 
 
@@ -210,6 +211,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       "verification.eval_every_steps",
       "verification.batch_size",
       "keep_checkpoints",
+      "nonfinite_patience",
   ):
     if given[path] <= 0:
       raise ValueError(f"config.{path}={given[path]} must be a positive integer.")

@@ -18,9 +18,11 @@ dataset_config fields read (a ConfigDict; config_lib.default_dataset_config() ma
                   default <data_dir>/downloads/manual.
 """
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import constants as tfds_constants
 
 import datasets  # noqa: F401  Importing the package registers all its builders with TFDS.
 
@@ -42,6 +44,7 @@ def prepared_builder(
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
     )
+    _remove_unfinished_builds(builder)
     return builder
 
   if jax.process_count() == 1:
@@ -52,6 +55,22 @@ def prepared_builder(
   builder = prepare() if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices(f"adam_face: {name} prepared")
   return builder or prepare()
+
+
+def _remove_unfinished_builds(builder: tfds.core.DatasetBuilder) -> None:
+  """Deletes what builds of the prepared builder's version that never finished left behind.
+
+  TFDS builds into a temporary folder beside the version's folder and renames it when done, so a
+  build killed on the way (SIGKILL, preemption, the OOM killer) leaves its temporary folder, maybe
+  gigabytes, for good; the next build uses a new one. Once the version's folder exists, every such
+  folder is garbage: a build still running could not rename its folder onto the existing one, so it
+  cannot finish either.
+  """
+  version_dir = builder.data_path
+  pattern = f"{tfds_constants.INCOMPLETE_PREFIX}*_{version_dir.name}"
+  for unfinished in version_dir.parent.glob(pattern):
+    logging.warning("Deleting %s, left by a build that did not finish", unfinished)
+    unfinished.rmtree(missing_ok=True)
 
 
 def dataset_builder(dataset_config) -> tfds.core.DatasetBuilder:
@@ -65,7 +84,7 @@ def dataset_builder(dataset_config) -> tfds.core.DatasetBuilder:
 
 
 def num_skipped_images(builder, split: str) -> int:
-  """Images of the split left out at build time because they did not decode."""
+  """Images of the split left out at build time: undecodable, or in a damaged RecordIO record."""
   metadata = builder.info.metadata or {}
   whole_split = split.split("[")[0]  # They are counted per whole split.
   return int(metadata.get("num_skipped_images", {}).get(whole_split, 0))

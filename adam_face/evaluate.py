@@ -26,9 +26,8 @@ def evaluate_checkpoint(workdir: str, sets=None, step=None, data_dir=None, batch
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  from adam_face import classifier, models, train  # pylint: disable=g-import-not-at-top
+  from adam_face import checkpointing, classifier, models, train  # pylint: disable=g-import-not-at-top
   from adam_face import report, verification  # pylint: disable=g-import-not-at-top
 
   config_path = os.path.join(workdir, "config.json")
@@ -39,18 +38,7 @@ def evaluate_checkpoint(workdir: str, sets=None, step=None, data_dir=None, batch
     )
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  checkpoints = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(read_only=True),
-  )
-  step = checkpoints.latest_step() if step is None else step
-  if step is None or step not in checkpoints.all_steps():
-    raise FileNotFoundError(
-        f"No checkpoint {'at step %s ' % step if step else ''}in "
-        f"{workdir}/checkpoints (available: {list(checkpoints.all_steps())})."
-    )
-  state = checkpoints.restore(step, args=ocp.args.StandardRestore())
-  checkpoints.close()
+  step, state = checkpointing.restore_arrays(workdir, step)
 
   model = models.create_model(
       config.model.name,

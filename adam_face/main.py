@@ -79,7 +79,7 @@ def main(argv):
     # Cross-process collectives of the CPU backend (GPU and TPU bring their own).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize()
-  from adam_face import train  # pylint: disable=g-import-not-at-top
+  from adam_face import errors, train  # pylint: disable=g-import-not-at-top
 
   logging.info(
       "JAX process %d of %d, local devices: %s",
@@ -89,7 +89,11 @@ def main(argv):
   )
   logging.info("Config:\n%s", FLAGS.config)
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except errors.RunError as e:  # Diverged, checkpoint unwritable or unusable: one line, status 1.
+    logging.error("%s", e)
+    sys.exit(f"FATAL: {e}")
 
 
 if __name__ == "__main__":

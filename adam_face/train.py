@@ -1,9 +1,10 @@
 """The training loop: backbone data-parallel, margin head sharded by class, one jitted step.
 
 Read `train_and_evaluate` top to bottom: it validates the config, builds the mesh, data and model,
-restores the latest checkpoint in the workdir if there is one (parameters, optimiser state, step,
-auto-margin state and rng; the data iterator is re-positioned at that step), then loops over
-`train_step.train_step`, logging, checkpointing and evaluating.
+restores the latest good checkpoint in the workdir if there is one (parameters, optimiser state,
+step, auto-margin state and rng, onto this run's device count; see checkpointing.py; the data
+iterator is re-positioned at that step), then loops over `train_step.train_step`, logging,
+checkpointing and evaluating, and stops with one clear line if the loss diverges.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from adam_face import classifier, config_lib, models, report, train_step as ts
+from adam_face import checkpointing, classifier, config_lib, errors, models, report
+from adam_face import train_step as ts
 from adam_face import data_builders, train_input, verification_sets
 from adam_face import verification
 
@@ -60,6 +61,62 @@ class _Preemption:
   def restore(self):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+class TrainingDiverged(errors.RunError):
+  """The loss or gradient stayed non-finite for config.nonfinite_patience steps."""
+
+
+class _NonFiniteGuard:
+  """Follows metrics['finite'] of every step (train_step drops a non-finite step's update) and
+  says when the run has diverged: after `patience` consecutive non-finite steps under the "stop"
+  policy, never under "skip". It reads each step's flag one step late, so the host never waits
+  for the step in flight.
+  """
+
+  def __init__(self, policy: str, patience: int):
+    self._policy, self._patience = policy, patience
+    self._pending = None
+    self._bad_steps: list[int] = []  # The current run of consecutive non-finite steps.
+    self._last_finite: tuple[int, float] | None = None
+
+  def observe(self, step: int, metrics) -> bool:
+    """Records this step; True when the run must stop (judged on the previous step)."""
+    previous, self._pending = self._pending, (step, metrics["finite"], metrics["loss"])
+    return previous is not None and self._check(*previous)
+
+  def flush(self) -> bool:
+    """Judges the last step observed; True when the run must stop."""
+    previous, self._pending = self._pending, None
+    return previous is not None and self._check(*previous)
+
+  def _check(self, step, finite, loss) -> bool:
+    finite, loss = jax.device_get((finite, loss))
+    if finite:
+      self._bad_steps, self._last_finite = [], (step, float(loss))
+      return False
+    self._bad_steps.append(step)
+    logging.warning(
+        "Step %d: the loss (%s) or gradient is not finite; its update was skipped (%d in a row).",
+        step,
+        loss,
+        len(self._bad_steps),
+    )
+    return self._policy == "stop" and len(self._bad_steps) >= self._patience
+
+  def message(self, last_checkpoint: str) -> str:
+    last = (
+        f"the last finite loss was {self._last_finite[1]:.4g} at step {self._last_finite[0]}"
+        if self._last_finite
+        else "no step of this run had a finite loss"
+    )
+    return (
+        f"Training diverged: the loss or gradient was non-finite at steps "
+        f"{self._bad_steps[0]}-{self._bad_steps[-1]} ({len(self._bad_steps)} in a row, updates "
+        f"skipped); {last}. The last good checkpoint is {last_checkpoint}. Lower "
+        "optimizer.learning_rate or set optimizer.grad_clip_norm, then rerun to resume from it "
+        "(or set nonfinite_policy='skip' to train through isolated bad steps)."
+    )
 
 
 def load_verification_sets(
@@ -101,6 +158,32 @@ def total_train_steps(config: ml_collections.ConfigDict, num_examples: int) -> i
 
 def _global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding):
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def _write_train_metrics(writer, step, window, seconds, global_batch_size, train_log_path):
+  """Means of the window's scalars and histograms of its per-sample values, over its finite steps
+  only (a metric writer never sees a NaN), plus the count of skipped steps so far."""
+  finite = [m for m in window if m["finite"]]
+  summary = {
+      k: float(np.mean([m[k] for m in finite]))
+      for k in (finite[0] if finite else {})
+      if np.ndim(finite[0][k]) == 0 and k not in ("finite", "skipped_steps")
+  }
+  summary["images_per_second"] = len(window) * global_batch_size / seconds
+  summary["skipped_steps"] = int(window[-1]["skipped_steps"])
+  writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+  if jax.process_index() == 0:  # For plots (margin.png) and benchmarks to read back.
+    with open(train_log_path, "a") as f:
+      f.write(json.dumps({"step": step, **summary}) + "\n")
+  if finite:
+    writer.write_histograms(
+        step,
+        {
+            f"train/{k}": np.concatenate([m[k] for m in finite])
+            for k in finite[0]
+            if np.ndim(finite[0][k]) == 1
+        },
+    )
 
 
 def _evaluate(evaluator, state, step, writer, workdir, best):
@@ -161,16 +244,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
   state, state_shardings = ts.create_train_state(config, model, mesh, num_classes, total_steps)
 
-  checkpoints = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.keep_checkpoints, create=True, enable_async_checkpointing=True
-      ),
-  )
-  if checkpoints.latest_step() is not None:
-    state = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.StandardRestore(state))
-    logging.info("Resumed from step %d of %s.", int(state.step), workdir)
+  checkpoints = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
+  state = checkpoints.restore_latest(state, config)
   start_step = int(state.step)
+  if start_step:
+    logging.info("Resumed from step %d of %s.", start_step, workdir)
 
   batch_sharding = NamedSharding(mesh, P(MESH_AXIS))
   step_fn = jax.jit(
@@ -201,6 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
   )
   preemption = _Preemption()
+  guard = _NonFiniteGuard(config.nonfinite_policy, config.nonfinite_patience)
   best_path = os.path.join(workdir, "best.json")
   best: dict[str, float] = {}
   if start_step and os.path.exists(best_path):
@@ -214,39 +293,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     while step < total_steps and not preempted:
       state, metrics = step_fn(state, _global_batch(next(batches), batch_sharding))
       step += 1
+      if guard.observe(step, metrics) or (step == total_steps and guard.flush()):
+        checkpoints.wait()
+        raise TrainingDiverged(guard.message(checkpoints.describe_latest()))
       preempted = preemption.reached(step)
       progress(step)
       window_metrics.append(metrics)
       if step % config.log_every_steps == 0 or step == total_steps:
-        window = jax.device_get(window_metrics)
-        summary = {
-            k: float(np.mean([m[k] for m in window]))
-            for k in window[0]
-            if np.ndim(window[0][k]) == 0
-        }
-        elapsed = time.perf_counter() - window_start
-        summary["images_per_second"] = len(window) * config.global_batch_size / elapsed
-        writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-        if jax.process_index() == 0:  # For plots (margin.png) and benchmarks to read back.
-          with open(train_log_path, "a") as f:
-            f.write(json.dumps({"step": step, **summary}) + "\n")
-        writer.write_histograms(
+        _write_train_metrics(
+            writer,
             step,
-            {
-                f"train/{k}": np.concatenate([m[k] for m in window])
-                for k in window[0]
-                if np.ndim(window[0][k]) == 1
-            },
+            jax.device_get(window_metrics),
+            time.perf_counter() - window_start,
+            config.global_batch_size,
+            train_log_path,
         )
         window_metrics, window_start = [], time.perf_counter()
-      if step % config.checkpoint_every_steps == 0:
-        checkpoints.save(step, args=ocp.args.StandardSave(state))
+      if step % config.checkpoint_every_steps == 0 and checkpoints.save(step, state, config):
         last_saved = step
       if step % config.verification.eval_every_steps == 0 and step < total_steps:
         _evaluate(evaluator, state, step, writer, workdir, best)
     if step != last_saved:
-      checkpoints.save(step, args=ocp.args.StandardSave(state), force=True)
-    checkpoints.wait_until_finished()
+      checkpoints.save(step, state, config)
+    checkpoints.wait()
   finally:
     preemption.restore()
     checkpoints.close()

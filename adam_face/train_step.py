@@ -7,6 +7,7 @@ and time exactly the step that `train.py` runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax
@@ -36,13 +37,15 @@ class TrainState(train_state.TrainState):
   """Flax's TrainState (step, apply_fn, params, tx, opt_state) plus what face training adds.
 
   params = {'backbone': ..., 'head': ({'centers': [C_pad * K, D]}, ...)}: a head per dataset, and
-  margin_states[k] is head k's margin state (auto-margin, running statistics). The static fields
+  margin_states[k] is head k's margin state (auto-margin, running statistics). skipped_steps
+  counts the steps whose update was dropped as non-finite (see `train_step`). The static fields
   are rebuilt from the config, never checkpointed.
   """
 
   batch_stats: Any
   margin_states: tuple
   rng: jax.Array
+  skipped_steps: jax.Array
   heads: tuple[Head, ...] = flax.struct.field(pytree_node=False)
   mesh: Mesh = flax.struct.field(pytree_node=False)
   sample_rate: float = flax.struct.field(pytree_node=False)
@@ -168,6 +171,7 @@ def create_train_state(
         batch_stats=variables.get("batch_stats", {}),
         margin_states=tuple(head.margin.init_state() for head in heads),
         rng=state_rng,
+        skipped_steps=jnp.zeros((), jnp.int32),
         heads=heads,
         mesh=mesh,
         sample_rate=config.head.sample_rate,
@@ -232,11 +236,20 @@ def fused_margin_loss(
   return _batch_mean(dataset_losses, batch_sizes), (dataset_losses, metrics, new_states, sampled)
 
 
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array]):
   """One optimisation step on a global batch; returns the new state and metrics.
 
   With several training datasets (dataset fusion) the backbone sees the whole batch and
   `fused_margin_loss` routes each dataset's rows to its own head.
+
+  A step whose loss, gradient or updated parameters hold a NaN or an infinity changes nothing
+  but the step count, the rng and `skipped_steps` (its batch is consumed, so the data position
+  stays a function of the step): the state is never poisoned, and the training loop decides from
+  metrics['finite'] whether to go on (config.nonfinite_policy).
   """
   rng, dropout_rng, head_rng = jax.random.split(state.rng, 3)
   heads = state.heads
@@ -271,6 +284,33 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]):
         (new_state.params, new_state.opt_state), (state.params, state.opt_state), sampled
     )
     new_state = new_state.replace(params=params, opt_state=opt_state)
+  new_state = new_state.replace(batch_stats=batch_stats, margin_states=margin_states)
+  finite = (
+      jnp.isfinite(loss)
+      & _all_finite(grads)
+      & _all_finite((new_state.params, new_state.batch_stats, new_state.margin_states))
+  )
+
+  def unless_finite_keep_old(new, old, *, counts_advance=False):
+    # The optimiser's step counts advance anyway, so its schedule stays a function of the step.
+    if counts_advance and jnp.issubdtype(new.dtype, jnp.integer):
+      return new
+    return jnp.where(finite, new, old)
+
+  new_state = new_state.replace(
+      params=jax.tree.map(unless_finite_keep_old, new_state.params, state.params),
+      opt_state=jax.tree.map(
+          functools.partial(unless_finite_keep_old, counts_advance=True),
+          new_state.opt_state,
+          state.opt_state,
+      ),
+      batch_stats=jax.tree.map(unless_finite_keep_old, new_state.batch_stats, state.batch_stats),
+      margin_states=jax.tree.map(
+          unless_finite_keep_old, new_state.margin_states, state.margin_states
+      ),
+      rng=rng,
+      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+  )
 
   batch_sizes = [head.batch_size for head in heads]
   scalars = {
@@ -283,6 +323,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]):
       **scalars,  # acc, acc_margin and each margin's own (margin, t, norm statistics ...).
       "learning_rate": state.learning_rate_fn(state.step),
       "grad_norm": optax.tree.norm(grads["backbone"]),
+      "finite": finite,
+      "skipped_steps": new_state.skipped_steps,
       # Per-sample difficulty: where on [0, 180] degrees the targets sit (histogram).
       "target_angle_deg": jnp.degrees(
           jnp.arccos(jnp.clip(jnp.concatenate([m["cos_target"] for m in head_metrics]), -1.0, 1.0))
@@ -292,7 +334,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]):
     for head, head_loss, head_metric in zip(heads, head_losses, head_metrics):
       metrics[f"{head.name}/loss"] = head_loss
       metrics.update({f"{head.name}/{k}": v for k, v in head_metric.items() if k != "cos_target"})
-  new_state = new_state.replace(batch_stats=batch_stats, margin_states=margin_states, rng=rng)
   return new_state, metrics
 
 

@@ -90,5 +90,10 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- bookkeeping
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1_000
-  config.keep_checkpoints = 3
+  config.keep_checkpoints = 3  # At least 2, so a corrupt latest one has one to fall back to.
+  # A step whose loss, gradient or updated state is not finite never updates the state (it is
+  # skipped and counted); "stop" ends the run once `nonfinite_patience` consecutive steps were
+  # skipped, "skip" trains on. One bad batch is survivable; a diverged run is not.
+  config.nonfinite_policy = "stop"
+  config.nonfinite_patience = 3
   return config

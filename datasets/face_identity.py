@@ -52,16 +52,42 @@ def as_jpeg_112(data: bytes, image) -> bytes:
   return images.encode_jpeg(images.resize_rgb(image, IMAGE_SIZE))
 
 
+# Bit rot or a bad copy damages one record or a handful; the .idx gives every record its own offset,
+# so the others still read and only those are skipped. An .idx written for another .rec, or a .rec
+# cut short early, sends nearly every offset into the middle of a record instead. More damaged
+# records than 1 % and than a few (a tiny release may lose one or two), or all of them, is that
+# case: an error rather than a dataset built quietly from what is left.
+DAMAGED_FRACTION_ALLOWED = 0.01
+DAMAGED_RECORDS_ALLOWED = 5
+
+
 def recordio_examples(manual_dir: pathlib.Path, num_classes: int, skipped: images.SkippedImages):
-  """Yields (record key, {'image': bytes, 'label': int}) for every decodable image record."""
-  with recordio.IndexedRecordReader(manual_dir / "train.rec", manual_dir / "train.idx") as reader:
-    for key in reader.image_keys():
+  """Yields (record key, {'image': bytes, 'label': int}) for every readable image record.
+
+  Damaged records and undecodable images are skipped and counted in `skipped`; more damaged records
+  than DAMAGED_FRACTION_ALLOWED and DAMAGED_RECORDS_ALLOWED allow raise ValueError.
+  """
+  idx_path = manual_dir / "train.idx"
+  with recordio.IndexedRecordReader(manual_dir / "train.rec", idx_path) as reader:
+    keys = reader.image_keys()
+    allowed = max(DAMAGED_RECORDS_ALLOWED, int(DAMAGED_FRACTION_ALLOWED * len(keys)))
+    num_damaged = 0
+    for num_read, key in enumerate(keys, start=1):
       where = f"{reader.rec_path} record {key}"
-      payload = reader.read(key)
       try:
-        header, data = recordio.unpack_image_record(payload)
-      except ValueError as e:
-        raise ValueError(f"{where}: {e}") from e
+        header, data = reader.read_image(key)
+      except recordio.DamagedRecordError as e:
+        num_damaged += 1
+        if num_damaged > allowed or num_damaged == len(keys):
+          raise ValueError(
+              f"{num_damaged} of the first {num_read} of {len(keys)} image records are damaged "
+              f"(latest: {e}): {idx_path} probably does not belong to this .rec, or the .rec is "
+              "cut short; put the train.idx of the same release beside it (re-download the "
+              "release), or regenerate it with MXNet's `python tools/rec2idx.py train.rec "
+              "train.idx`"
+          ) from e
+        skipped.skip(e)
+        continue
       label = checked_label(header.labels, num_classes, where)
       try:
         image = images.decode(data, where)

@@ -8,6 +8,9 @@ training sets): a Python 2 pickle of (2N encoded images, N booleans), pair i bei
 2i+1, split into 10 folds of consecutive pairs. `lfw` is also read from the original LFW layout:
 `<manual_dir>/pairs.txt` with `<manual_dir>/lfw/<Name>/<Name>_0001.jpg`.
 
+An image that does not decode is an error naming the file and the pair, not a dropped pair: a
+benchmark is its fixed pair list (published accuracies are over all of it).
+
 A user's own set is given by path (builder kwarg `path=`, see path_config): a `.bin` file, or an
 LFW-format pairs file `pairs.txt@image_dir` (bare `pairs.txt`: images in `lfw/` beside it). Its
 config is named after the set and a fingerprint of the path and the files' sizes and times, so it
@@ -257,8 +260,12 @@ def path_config(entry: str) -> FaceVerificationConfig:
 class FaceVerification(tfds.core.GeneratorBasedBuilder):
   """Verification pairs -> {'image_a', 'image_b', 'is_same', 'fold'}."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  # 1.1.0 so that a set prepared by 1.0.0 less an undecodable image's pair is prepared again.
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial release.",
+      "1.1.0": "An undecodable image is an error; 1.0.0 dropped its pair.",
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
   BUILDER_CONFIGS = [
       FaceVerificationConfig(name=name, description=f"{name} pairs") for name in SETS
@@ -282,7 +289,6 @@ class FaceVerification(tfds.core.GeneratorBasedBuilder):
             }
         ),
         disable_shuffling=True,  # Keep the source order: folds are consecutive blocks.
-        metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
@@ -292,7 +298,7 @@ class FaceVerification(tfds.core.GeneratorBasedBuilder):
     if config.pairs_path:
       pairs_txt, image_root = pathlib.Path(config.pairs_path), pathlib.Path(config.image_root)
       pairs = read_lfw_pairs(pairs_txt, image_root, f"Expected {_PATH_SYNTAX}.")
-      return {"test": self._generate_examples(self._lfw_pairs(pairs))}
+      return {"test": self._generate_examples(self._lfw_pairs(pairs_txt, pairs))}
     root = manual_data.manual_dir(dl_manager, self.name, _INSTRUCTIONS)
     name = config.name
     bin_path = root / f"{name}.bin"
@@ -300,7 +306,7 @@ class FaceVerification(tfds.core.GeneratorBasedBuilder):
       return {"test": self._generate_examples(self._bin_pairs(bin_path))}
     if name == "lfw" and (root / "pairs.txt").exists():
       pairs = read_lfw_pairs(root / "pairs.txt", root / "lfw")
-      return {"test": self._generate_examples(self._lfw_pairs(pairs))}
+      return {"test": self._generate_examples(self._lfw_pairs(root / "pairs.txt", pairs))}
     alternative = f" (or {root / 'pairs.txt'} with {root / 'lfw'})" if name == "lfw" else ""
     raise FileNotFoundError(f"{self.name}/{name}: missing {bin_path}{alternative}. {_INSTRUCTIONS}")
 
@@ -311,26 +317,35 @@ class FaceVerification(tfds.core.GeneratorBasedBuilder):
     for i in range(len(issame)):
       yield (
           i,
-          (encoded[2 * i], f"{bin_path} image {2 * i}"),
-          (encoded[2 * i + 1], f"{bin_path} image {2 * i + 1}"),
+          (encoded[2 * i], f"{bin_path} pair {i} (image_a: image {2 * i} of the .bin)"),
+          (encoded[2 * i + 1], f"{bin_path} pair {i} (image_b: image {2 * i + 1} of the .bin)"),
           issame[i],
           folds[i],
       )
 
   @staticmethod
-  def _lfw_pairs(pairs):
+  def _lfw_pairs(pairs_txt, pairs):
     for i, (a, b, is_same, fold) in enumerate(pairs):
-      yield i, (a.read_bytes(), str(a)), (b.read_bytes(), str(b)), is_same, fold
+      yield (
+          i,
+          (a.read_bytes(), f"{pairs_txt} pair {i} (image_a: {a})"),
+          (b.read_bytes(), f"{pairs_txt} pair {i} (image_b: {b})"),
+          is_same,
+          fold,
+      )
 
   def _generate_examples(self, pairs):
-    skipped = images.SkippedImages(f"{self.name}/{self.builder_config.name}", "test")
     for i, (data_a, where_a), (data_b, where_b), is_same, fold in pairs:
       try:
         image_a = images.decode(data_a, where_a)
         image_b = images.decode(data_b, where_b)
       except images.UndecodableImageError as e:
-        skipped.skip(e)  # The whole pair goes; its other image is not counted.
-        continue
+        # Published accuracies are over the whole fixed pair list, so a set less a pair would be
+        # a different benchmark: refuse it rather than drop the pair.
+        raise ValueError(
+            f"{e}; a verification set is scored on all its pairs, so none can be dropped: "
+            "re-download or re-create the file (see face_verification's instructions)"
+        ) from e
       yield (
           i,
           {
@@ -340,4 +355,3 @@ class FaceVerification(tfds.core.GeneratorBasedBuilder):
               "fold": int(fold),
           },
       )
-    skipped.record(self.info.metadata)

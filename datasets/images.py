@@ -1,9 +1,9 @@
 """Decoding, re-encoding and bad-image bookkeeping shared by the builders.
 
 Every image is fully decoded with pillow when a dataset is built, so a truncated or corrupt file is
-found then (and skipped, logged and counted in the dataset metadata) rather than crashing a training
-run days later. Pillow also reads formats TensorFlow cannot (PGM, BMP, ...); those are stored as
-PNG.
+found then rather than crashing a training run days later: a training set skips it (logged and
+counted in the dataset metadata), a verification set refuses it (its pair list is a fixed
+protocol). Pillow also reads formats TensorFlow cannot (PGM, BMP, ...); those are stored as PNG.
 """
 
 import io
@@ -94,10 +94,12 @@ def is_image_file(name: str) -> bool:
 
 
 class SkippedImages:
-  """Logs each undecodable image as it is skipped, then its split's count into the metadata.
+  """Logs each unreadable image as it is skipped, then its split's count into the metadata.
 
-  The builder's metadata then holds {'num_skipped_images': {split: n}, 'skipped_images':
-  {split: [file or record names]}}, so a shorter epoch is always accounted for.
+  Unreadable: an UndecodableImageError, or a recordio.DamagedRecordError (a RecordIO record whose
+  bytes do not parse); both name the file or record in `where`. The builder's metadata then holds
+  {'num_skipped_images': {split: n}, 'skipped_images': {split: [file or record names]}}, so a
+  shorter epoch is always accounted for.
   """
 
   def __init__(self, dataset_name: str, split: str):
@@ -105,9 +107,10 @@ class SkippedImages:
     self._split = split
     self.names: list[str] = []
 
-  def skip(self, error: UndecodableImageError) -> None:
+  def skip(self, error: ValueError) -> None:
+    """Records `error`, an UndecodableImageError or a recordio.DamagedRecordError."""
     logging.warning(
-        "%s/%s: skipping an undecodable image: %s", self._dataset_name, self._split, error
+        "%s/%s: skipping an unreadable image: %s", self._dataset_name, self._split, error
     )
     self.names.append(error.where)
 
@@ -115,7 +118,7 @@ class SkippedImages:
     """Logs the final count and stores it in `metadata` (the builder's info.metadata)."""
     if self.names:
       logging.warning(
-          "%s/%s: skipped %d undecodable images (listed in the dataset metadata "
+          "%s/%s: skipped %d unreadable images (listed in the dataset metadata "
           "under 'skipped_images')",
           self._dataset_name,
           self._split,

@@ -82,20 +82,29 @@ def read_index(idx_path: str | os.PathLike) -> dict[int, int]:
   return index
 
 
+class DamagedRecordError(ValueError):
+  """A record whose bytes do not parse as a record; `where` names the file and record key."""
+
+  def __init__(self, where: str, problem: str):
+    super().__init__(f"{where}: {problem}")
+    self.where = where
+
+
 def _read_part(f: BinaryIO, where: str) -> tuple[int, bytes]:
   head = f.read(_RECORD_HEAD.size)
   if len(head) != _RECORD_HEAD.size:
-    raise ValueError(f"{where}: file ends inside a record header")
+    raise DamagedRecordError(where, "file ends inside a record header")
   magic, lrecord = _RECORD_HEAD.unpack(head)
   if magic != MAGIC:
-    raise ValueError(
-        f"{where}: bad magic 0x{magic:08x} (expected 0x{MAGIC:08x}); "
-        "the .idx offsets do not match the .rec file"
+    raise DamagedRecordError(
+        where,
+        f"bad magic 0x{magic:08x} (expected 0x{MAGIC:08x}); the record is damaged or the .idx "
+        "offsets do not match the .rec file",
     )
   cflag, length = lrecord >> 29, lrecord & _LENGTH_MASK
   payload = f.read(length)
   if len(payload) != length:
-    raise ValueError(f"{where}: file ends inside a {length}-byte payload")
+    raise DamagedRecordError(where, f"file ends inside a {length}-byte payload")
   f.seek((-length) % 4, os.SEEK_CUR)  # Skip the padding to the next 4-byte boundary.
   return cflag, payload
 
@@ -130,19 +139,27 @@ class IndexedRecordReader:
     if cflag == _WHOLE:
       return payload
     if cflag != _FIRST:
-      raise ValueError(f"{where}: starts with continuation flag {cflag}, expected 0 or 1")
+      raise DamagedRecordError(where, f"starts with continuation flag {cflag}, expected 0 or 1")
     parts = [payload]
     while cflag != _LAST:
       cflag, payload = _read_part(self._file, where)
       if cflag not in (_MIDDLE, _LAST):
-        raise ValueError(f"{where}: continuation part has flag {cflag}, expected 2 or 3")
+        raise DamagedRecordError(where, f"continuation part has flag {cflag}, expected 2 or 3")
       parts.append(payload)
     return _MAGIC_BYTES.join(parts)
+
+  def read_image(self, key: int) -> tuple[ImageRecordHeader, bytes]:
+    """(header, encoded image) of record `key`; DamagedRecordError if its bytes do not parse."""
+    payload = self.read(key)
+    try:
+      return unpack_image_record(payload)
+    except ValueError as e:
+      raise DamagedRecordError(f"{self.rec_path} record {key}", str(e)) from e
 
   def image_keys(self) -> list[int]:
     """Keys of the image records: [1, label[0]) per the meta record 0, else every key."""
     if 0 in self._offsets:
-      header, _ = unpack_image_record(self.read(0))
+      header, _ = self.read_image(0)
       if header.flag > 0:
         end = int(header.labels[0])
         missing = [k for k in range(1, end) if k not in self._offsets]

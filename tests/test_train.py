@@ -10,10 +10,9 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from adam_face import config_lib, evaluate, report, train, train_input
+from adam_face import checkpointing, config_lib, evaluate, report, train, train_input
 from fixtures_data import REPO_ROOT
 from tiny_config import TINY_DATA, tiny_demo_config
 
@@ -21,9 +20,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def _params(workdir):
-  with ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints"))) as manager:
-    step = manager.latest_step()
-    return step, manager.restore(step, args=ocp.args.StandardRestore())
+  return checkpointing.restore_arrays(workdir)
 
 
 @pytest.fixture(scope="module")

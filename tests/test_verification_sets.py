@@ -111,7 +111,10 @@ def test_own_set_by_path(own_set, tmp_path):
   _assert_same_set(by_bin, by_pairs)
   _assert_same_set(by_bin, by_lfw)
   # Prepared once each under the data dir, in a config named after the set.
-  prepared = sorted(p.parent.name for p in (tmp_path / "tfds").glob("face_verification/*/1.0.0"))
+  version = face_verification.FaceVerification.VERSION
+  prepared = sorted(
+      p.parent.name for p in (tmp_path / "tfds").glob(f"face_verification/*/{version}")
+  )
   assert [name.rsplit("_", 1)[0] for name in prepared] == ["lfw", "mine", "mine"]
 
 
