@@ -202,6 +202,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if given[path] not in choices:
       raise ValueError(f"config.{path}={given[path]!r} is not one of {', '.join(choices)}.")
   margins.from_config(config.loss)
+  if config.optimizer.backbone_lr_scale < 0 or config.optimizer.freeze_backbone_steps < 0:
+    raise ValueError(
+        "config.optimizer.backbone_lr_scale and freeze_backbone_steps must be >= 0, got "
+        f"{config.optimizer.backbone_lr_scale} and {config.optimizer.freeze_backbone_steps}."
+    )
   if not 0.0 < config.head.sample_rate <= 1.0:
     raise ValueError(f"config.head.sample_rate={config.head.sample_rate} must be in (0, 1].")
   for path in (

@@ -1,10 +1,15 @@
-"""Evaluates a saved checkpoint on verification sets, without training.
+"""Evaluates a trained model on verification sets, without training.
 
-  python -m adam_face.evaluate --workdir=/tmp/run --sets=lfw,cfp_fp,agedb_30
+  python -m adam_face.evaluate --model=/tmp/run --sets=lfw,cfp_fp,agedb_30
+  python -m adam_face.evaluate --model=/tmp/r50 --sets=/data/lfw.bin
 
-Prints one row per set in the ADAM tables' format (acc / TAR@FAR=1e-1 / 1e-2 / 3e-3 / 1e-3, in %),
-plus HETD when lfw, cfp_fp and agedb_30 are all given, and writes `eval_<step>.json` and
-`roc_<step>.png` into the workdir. The model is rebuilt from the `config.json` training wrote there.
+--model is a training workdir (its latest checkpoint, or --step) or a model directory
+(model_dir.py; e.g. converted from arcface_torch). A workdir's config gives the defaults of the
+sets, data dir, batch size and flip mode; a model directory takes configs/default.py's and needs
+--sets. Prints one row per set in the ADAM tables' format (acc / TAR@FAR=1e-1 / 1e-2 / 3e-3 /
+1e-3, in %), plus HETD when lfw, cfp_fp and agedb_30 are all given, and writes
+`eval_<step>.json` and `roc_<step>.png` (a model directory: `eval.json`, `roc.png`) beside the
+model.
 """
 
 import json
@@ -13,55 +18,46 @@ import os
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A training workdir (holds config.json and checkpoints/).")
-flags.DEFINE_list("sets", None, "Verification sets; default: the config's verification.sets.")
-flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+flags.DEFINE_string("model", None, "A training workdir or a model directory (model_dir.py).")
+flags.DEFINE_list("sets", None, "Verification sets; default: the workdir config's.")
+flags.DEFINE_integer("step", None, "Checkpoint step of a workdir; default: the latest.")
 flags.DEFINE_string("data_dir", None, "TFDS data dir of the sets; default: the config's.")
 flags.DEFINE_integer("batch_size", None, "Embedding batch size; default: the config's.")
-flags.mark_flags_as_required(["workdir"])
+flags.mark_flags_as_required(["model"])
 
 
-def evaluate_checkpoint(workdir: str, sets=None, step=None, data_dir=None, batch_size=None):
-  """Restores the backbone at `step` (latest if None) and scores `sets`; returns the result."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+def evaluate_model(path: str, sets=None, step=None, data_dir=None, batch_size=None):
+  """Scores the model at `path` on `sets`; returns (what was scored, the Evaluator's result)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
 
-  from adam_face import checkpointing, classifier, models, train  # pylint: disable=g-import-not-at-top
-  from adam_face import report, verification  # pylint: disable=g-import-not-at-top
+  from adam_face import classifier, config_lib, model_dir  # pylint: disable=g-import-not-at-top
+  from adam_face import report, train, verification  # pylint: disable=g-import-not-at-top
 
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(
-        f"{config_path} not found: --workdir must be a directory written by "
-        "python -m adam_face.main."
-    )
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  step, state = checkpointing.restore_arrays(workdir, step)
-
-  model = models.create_model(
-      config.model.name,
-      embedding_dim=config.model.embedding_dim,
-      dtype=jnp.dtype(config.compute_dtype),
-      dropout_rate=config.model.dropout_rate,
-  )
-  variables = {"params": state["params"]["backbone"], "batch_stats": state["batch_stats"]}
-  embed_fn = jax.tree_util.Partial(lambda v, x: model.apply(v, x, train=False), variables)
-  loaded = train.load_verification_sets(config, sets, data_dir)
-  mesh = classifier.create_mesh()
+  model = model_dir.load(path, step)
+  config_path = os.path.join(path, "config.json")
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  else:
+    if not sets:
+      raise ValueError(f"{path} is a model directory: name the sets to score with --sets.")
+    config = config_lib.default_config()
+    config.dataset.image_size = model.image_size
   evaluator = verification.Evaluator(
-      loaded,
+      train.load_verification_sets(config, sets, data_dir),
       batch_size=batch_size or config.verification.batch_size,
-      mesh=mesh,
+      mesh=classifier.create_mesh(),
       flip=config.verification.flip,
   )
-  result = evaluator(embed_fn)
-  with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
-    json.dump({"step": step, "metrics": result.metrics}, f, indent=2, default=train.json_default)
-  report.plot_roc(result.curves, os.path.join(workdir, f"roc_{step}.png"))
-  logging.info("Evaluated step %d of %s.", step, workdir)
-  return step, result
+  result = evaluator(model.embed_fn)
+  suffix = "" if model.step is None else f"_{model.step}"
+  with open(os.path.join(path, f"eval{suffix}.json"), "w") as f:
+    json.dump(
+        {"model": model.source, "metrics": result.metrics}, f, indent=2, default=train.json_default
+    )
+  report.plot_roc(result.curves, os.path.join(path, f"roc{suffix}.png"))
+  logging.info("Evaluated %s.", model.source)
+  return model.source, result
 
 
 def main(argv):
@@ -69,10 +65,10 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from adam_face import report  # pylint: disable=g-import-not-at-top
 
-  step, result = evaluate_checkpoint(
-      FLAGS.workdir, FLAGS.sets, FLAGS.step, FLAGS.data_dir, FLAGS.batch_size
+  source, result = evaluate_model(
+      FLAGS.model, FLAGS.sets, FLAGS.step, FLAGS.data_dir, FLAGS.batch_size
   )
-  print(f"step {step}")
+  print(source)
   print(report.format_table(result.metrics))
 
 

@@ -24,7 +24,7 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from adam_face import checkpointing, classifier, config_lib, errors, models, report
+from adam_face import checkpointing, classifier, config_lib, errors, model_dir, models, report
 from adam_face import train_step as ts
 from adam_face import data_builders, train_input, verification_sets
 from adam_face import verification
@@ -145,6 +145,38 @@ def load_verification_sets(
   }
 
 
+def init_backbone_from(state: ts.TrainState, config: ml_collections.ConfigDict) -> ts.TrainState:
+  """`state` with the backbone and BatchNorm statistics of the model at config.init_from (a
+  model directory or a training workdir); its head and optimiser state stay fresh."""
+  model = model_dir.load(config.init_from)
+  wanted = {"name": config.model.name, "embedding_dim": config.model.embedding_dim}
+  if any(model.model_config.get(k) != v for k, v in wanted.items()):
+    raise ValueError(
+        f"config.init_from={config.init_from!r} holds a {model.model_config} backbone, but "
+        f"config.model asks for {wanted}: set config.model to match it."
+    )
+  if model.image_size != config.dataset.image_size:
+    logging.warning(
+        "config.init_from was trained at %dx%d, this run trains at %dx%d.",
+        *(2 * [model.image_size]),
+        *(2 * [config.dataset.image_size]),
+    )
+  current = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
+  model_dir.check_same_tree(current, model.variables, f"config.init_from={config.init_from}")
+  # Every process holds the same loaded values; each places its own devices' (replicated) copy.
+  loaded = jax.tree.map(
+      lambda value, like: jax.make_array_from_callback(
+          like.shape, like.sharding, lambda index: np.asarray(value, like.dtype)[index]
+      ),
+      model.variables,
+      current,
+  )
+  logging.info("Backbone initialised from %s.", model.source)
+  return state.replace(
+      params={**state.params, "backbone": loaded["params"]}, batch_stats=loaded["batch_stats"]
+  )
+
+
 def json_default(value):
   """json.dump's fallback for numpy/jax scalars and arrays in metric dicts."""
   return value.tolist() if hasattr(value, "tolist") else float(value)
@@ -249,6 +281,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = int(state.step)
   if start_step:
     logging.info("Resumed from step %d of %s.", start_step, workdir)
+  elif config.init_from:
+    state = init_backbone_from(state, config)
 
   batch_sharding = NamedSharding(mesh, P(MESH_AXIS))
   step_fn = jax.jit(
@@ -270,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0:
-    # What `python -m adam_face.evaluate --workdir=...` needs to rebuild the model.
+    # What `python -m adam_face.evaluate --model=<workdir>` needs to rebuild the model.
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2))
   if start_step == 0:

@@ -87,6 +87,8 @@ def create_optimizer(
 
   Gradient clipping applies to the backbone only, as insightface clips the backbone's gradient
   norm: the head's gradient is spread over C/N-sharded rows and its scale follows the batch.
+  For fine-tuning, the backbone's final updates are scaled by backbone_lr_scale, and zeroed for
+  its first freeze_backbone_steps steps (its momentum still gathers their gradients).
   """
   opt = config.optimizer
   parts = []
@@ -105,6 +107,15 @@ def create_optimizer(
     parts.append(optax.adamw(learning_rate_fn, b1=opt.momentum, weight_decay=opt.weight_decay))
   else:
     raise ValueError(f"optimizer.name={opt.name!r}; valid: sgd, adamw.")
+  if opt.backbone_lr_scale != 1.0 or opt.freeze_backbone_steps > 0:
+    parts.append(
+        optax.masked(
+            optax.scale_by_schedule(
+                lambda step: jnp.where(step < opt.freeze_backbone_steps, 0.0, opt.backbone_lr_scale)
+            ),
+            {"backbone": True, "head": False},
+        )
+    )
   return optax.chain(*parts)
 
 

@@ -36,7 +36,7 @@ def set_name(entry: str) -> str:
   return face_verification.path_set_name(entry)
 
 
-def _decoded_uint8(
+def decoded_uint8(
     ds: tf.data.Dataset, image_keys: tuple[str, ...], image_size: int, other_keys: tuple[str, ...]
 ) -> dict[str, np.ndarray]:
   """Reads all of ds (with undecoded images) into numpy, images as uint8 [N, S, S, 3]."""
@@ -62,7 +62,7 @@ def _images_of(builder, split: str, image_size: int) -> dict[str, np.ndarray]:
       read_config=tfds.ReadConfig(try_autocache=False),
   )
   keys = tuple(k for k in ("label", "identity") if k in builder.info.features)
-  return _decoded_uint8(ds, ("image",), image_size, keys)
+  return decoded_uint8(ds, ("image",), image_size, keys)
 
 
 def _pairs_of(images: np.ndarray, identities: np.ndarray, **pair_kwargs) -> dict[str, np.ndarray]:
@@ -90,7 +90,7 @@ def _face_verification_pairs(builder, image_size: int) -> dict[str, np.ndarray]:
       decoders={"image_a": tfds.decode.SkipDecoding(), "image_b": tfds.decode.SkipDecoding()},
       read_config=tfds.ReadConfig(try_autocache=False),
   )
-  out = _decoded_uint8(ds, ("image_a", "image_b"), image_size, ("is_same", "fold"))
+  out = decoded_uint8(ds, ("image_a", "image_b"), image_size, ("is_same", "fold"))
   return {
       "image_a": out["image_a"],
       "image_b": out["image_b"],

@@ -86,6 +86,17 @@ def get_config() -> ml_collections.ConfigDict:
   # power 1 (its default, which train_v2.py keeps); its older PolyScheduler used power 2.
   config.optimizer.polynomial_power = 1.0
   config.optimizer.step_boundaries = ()  # Steps at which the `step` schedule divides lr by 10.
+  # Fine-tuning (with init_from): the backbone's updates scaled by this factor, and none at all
+  # for its first steps, while a new head learns from a pretrained backbone's embeddings (BatchNorm
+  # statistics keep adapting to the new data meanwhile).
+  config.optimizer.backbone_lr_scale = 1.0
+  config.optimizer.freeze_backbone_steps = 0
+
+  # ---- fine-tuning: a model path (a model directory, e.g. from `python -m adam_face.convert`, or
+  # a training workdir: its latest checkpoint) whose backbone and BatchNorm statistics start a
+  # fresh run; the head is new, sized by this run's datasets. Ignored when the workdir already
+  # has a checkpoint (the run resumes instead).
+  config.init_from = ""
 
   # ---- bookkeeping
   config.log_every_steps = 50

@@ -78,8 +78,8 @@ def test_crash_then_resume_gives_identical_parameters(uninterrupted, tmp_path, m
 
 def test_evaluate_command_scores_a_saved_checkpoint(uninterrupted):
   workdir, results = uninterrupted
-  step, result = evaluate.evaluate_checkpoint(workdir)
-  assert step == 8
+  source, result = evaluate.evaluate_model(workdir)
+  assert source.endswith(" step 8")
   assert result.metrics["synthetic"]["accuracy"] == pytest.approx(
       results["metrics"]["synthetic"]["accuracy"]
   )
