@@ -67,26 +67,6 @@ from datasets import images
 from datasets import vggface2
 
 FLAGS = flags.FLAGS
-# The flags verify.py shares (it imports this module); embed's own are defined by
-# define_embed_flags, only when embed is the program.
-flags.DEFINE_string("model", None, "A model directory or a training workdir (model_dir.py).")
-flags.DEFINE_integer("step", None, "Checkpoint step of a workdir; default: the latest.")
-flags.DEFINE_string(
-    "landmarks",
-    None,
-    "Five landmarks per image: lines `path x1 y1 ... x5 y5`, or a VGGFace2 loose_landmark csv.",
-)
-flags.DEFINE_enum(
-    "flip",
-    None,
-    embedding.FLIP_MODES,
-    "Flip test; default: the workdir config's verification.flip, else sum.",
-)
-flags.DEFINE_bool(
-    "resize",
-    False,
-    "Resize images of any size to the model's input, not only 112x112 ones (aspect not kept).",
-)
 # The side of the aligned crops: the ArcFace template's and the insightface releases'.
 ALIGNED_SIZE = face_identity.IMAGE_SIZE
 # Batches read ahead and embedded at a time: bounds memory (a 112x112 image is 37 KB) while the
@@ -341,6 +321,26 @@ def embed_to_file(
   return written
 
 
+def define_image_flags() -> None:
+  """The flags of how images are read, which verify.py shares."""
+  flags.DEFINE_string(
+      "landmarks",
+      None,
+      "Five landmarks per image: lines `path x1 y1 ... x5 y5`, or a VGGFace2 loose_landmark csv.",
+  )
+  flags.DEFINE_enum(
+      "flip",
+      None,
+      embedding.FLIP_MODES,
+      "Flip test; default: the workdir config's verification.flip, else sum.",
+  )
+  flags.DEFINE_bool(
+      "resize",
+      False,
+      "Resize images of any size to the model's input, not only 112x112 ones (aspect not kept).",
+  )
+
+
 def define_embed_flags():
   flags.DEFINE_multi_string(
       "images", None, "A folder, a list file (a path a line) or an image file; repeatable."
@@ -354,7 +354,7 @@ def define_embed_flags():
       None,
       "Images per batch, a multiple of the device count; default <= 32 a device.",
   )
-  flags.mark_flags_as_required(["model", "images", "out"])
+  flags.mark_flags_as_required(["images", "out"])
 
 
 def main(argv):
@@ -380,5 +380,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  model_dir.define_model_flags()
+  define_image_flags()
   define_embed_flags()
   app.run(main)

@@ -18,12 +18,6 @@ import os
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "A training workdir or a model directory (model_dir.py).")
-flags.DEFINE_list("sets", None, "Verification sets; default: the workdir config's.")
-flags.DEFINE_integer("step", None, "Checkpoint step of a workdir; default: the latest.")
-flags.DEFINE_string("data_dir", None, "TFDS data dir of the sets; default: the config's.")
-flags.DEFINE_integer("batch_size", None, "Embedding batch size; default: the config's.")
-flags.mark_flags_as_required(["model"])
 
 
 def evaluate_model(path: str, sets=None, step=None, data_dir=None, batch_size=None):
@@ -60,6 +54,12 @@ def evaluate_model(path: str, sets=None, step=None, data_dir=None, batch_size=No
   return model.source, result
 
 
+def _define_flags() -> None:
+  flags.DEFINE_list("sets", None, "Verification sets; default: the workdir config's.")
+  flags.DEFINE_string("data_dir", None, "TFDS data dir of the sets; default: the config's.")
+  flags.DEFINE_integer("batch_size", None, "Embedding batch size; default: the config's.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -73,4 +73,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from adam_face import model_dir  # pylint: disable=g-import-not-at-top
+
+  model_dir.define_model_flags()
+  _define_flags()
   app.run(main)

@@ -52,6 +52,17 @@ class Model:
     )
 
 
+def define_model_flags() -> None:
+  """--model and --step, the model path of every command that uses a model. Each command defines
+  its flags when it runs (in its __main__ block), so modules that share flag names can be
+  imported side by side (tests, notebooks)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  flags.DEFINE_string("model", None, "A model directory or a training workdir (model_dir.py).")
+  flags.DEFINE_integer("step", None, "Checkpoint step of a workdir; default: the latest.")
+  flags.mark_flag_as_required("model")
+
+
 def create_module(model_config: dict[str, Any], dtype=jnp.float32) -> flax.linen.Module:
   """The backbone that model_config (create_model's arguments, as saved in model.json) names."""
   config = dict(model_config)

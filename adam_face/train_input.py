@@ -105,9 +105,16 @@ def augment_image(image: tf.Tensor, key: tf.Tensor, augment) -> tf.Tensor:
 
 
 def normalize(image):
-  """The model's input scale from pixels in [0, 255]: (x - 127.5) / 128, as insightface's models
-  take it. Plain arithmetic, so it applies to TF, numpy and jax arrays alike (training input and
-  evaluation must share it)."""
+  """The model's input scale from pixels in [0, 255]: (x - 127.5) / 128, as insightface's MXNet
+  models took it (x 0.0078125). Plain arithmetic, so it applies to TF, numpy and jax arrays alike
+  (training input and evaluation must share it).
+
+  A difference from arcface_torch, which divides by 127.5 (torchvision's Normalize(0.5, 0.5) on
+  [0, 1] pixels, in training and in its eval/verification.py): inputs here are 0.4 % smaller.
+  It is kept for now because every figure in this repository was measured with it; switching
+  means measuring them again. Converted arcface_torch weights (convert.py) fold the difference
+  into their first convolution, so they compute exactly what they computed in PyTorch.
+  """
   return (image - PIXEL_MEAN) / PIXEL_SCALE
 
 

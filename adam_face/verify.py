@@ -30,18 +30,10 @@ from absl import app, flags, logging
 
 from adam_face import embed
 from adam_face import errors
+from adam_face import model_dir
 from adam_face import verification_metrics
 
 FLAGS = flags.FLAGS
-flags.DEFINE_float("threshold", None, "Accept the pair as the same person above this score.")
-flags.DEFINE_string(
-    "threshold_from", None, "A verification run's results.json or eval*.json to read it from."
-)
-flags.DEFINE_string("set", None, "The set of --threshold_from; default: its only one.")
-flags.DEFINE_float("far", 1e-3, "The false accept rate of the --threshold_from threshold.")
-# The image and model flags are embed's, so the two commands read images alike.
-for _name in ("model", "step", "landmarks", "resize", "flip"):
-  flags.declare_key_flag(_name)
 
 
 def threshold_from_results(path: str, set_name: str | None, far: float) -> tuple[float, str]:
@@ -132,6 +124,15 @@ def verify_pair(
   }
 
 
+def define_verify_flags() -> None:
+  flags.DEFINE_float("threshold", None, "Accept the pair as the same person above this score.")
+  flags.DEFINE_string(
+      "threshold_from", None, "A verification run's results.json or eval*.json to read it from."
+  )
+  flags.DEFINE_string("set", None, "The set of --threshold_from; default: its only one.")
+  flags.DEFINE_float("far", 1e-3, "The false accept rate of the --threshold_from threshold.")
+
+
 def main(argv):
   if len(argv) != 3:
     raise app.UsageError(f"Give the two images to compare; got {argv[1:]}.")
@@ -159,5 +160,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("model")
+  model_dir.define_model_flags()
+  embed.define_image_flags()  # Images are read as embed reads them.
+  define_verify_flags()
   app.run(main)

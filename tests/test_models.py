@@ -38,6 +38,7 @@ def test_model_names():
       "iresnet34",
       "iresnet50",
       "mobilefacenet",
+      "mobilefacenet_mbf",
       "tiny",
   )
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from adam_face.models.iresnet import IResNet
-from adam_face.models.mobilefacenet import MobileFaceNet, depthwise_implementation
+from adam_face.models.mobilefacenet import MBF_BOTTLENECKS, MobileFaceNet, depthwise_implementation
 
 _FACTORIES = {
     # Stage depths of insightface's iresnet18/34/50/100/200.
@@ -24,6 +24,10 @@ _FACTORIES = {
     "iresnet100": functools.partial(IResNet, stage_depths=(3, 13, 30, 3)),
     "iresnet200": functools.partial(IResNet, stage_depths=(6, 26, 60, 6)),
     "mobilefacenet": MobileFaceNet,
+    # insightface arcface_torch's "mbf", the network of w600k_mbf (python -m adam_face.convert).
+    "mobilefacenet_mbf": functools.partial(
+        MobileFaceNet, stem_width=128, stem_groups=64, bottlenecks=MBF_BOTTLENECKS
+    ),
     # A small iResNet for tests and the CPU demo: the same layout with one unit a stage and an
     # eighth of the widths. Widths 16/32/64/128 trained at only ~35-40 images/s (fwd+bwd, 112x112)
     # on 2 CPU cores, most of it in the full-resolution first stage; halving them gave ~2.5x.

@@ -16,8 +16,12 @@ computes in `dtype`, the embedding projection and its BN in float32.
 
 Depthwise convolutions run as sums of shifted multiply-adds on the CPU (see DepthwiseConv): XLA:CPU
 computes grouped convolutions, and their gradients above all, several times slower than that.
+
+The same module, with other widths, expansion factors and a grouped stem convolution, is
+arcface_torch's "mbf" (MBF_BOTTLENECKS; registered as "mobilefacenet_mbf").
 """
 
+from collections.abc import Sequence
 import contextlib
 import contextvars
 import functools
@@ -33,6 +37,12 @@ from adam_face.models.iresnet import CONV_INIT, PReLU, batch_norm, check_images
 
 # (expansion factor t, output channels c, repeats n, stride of the first repeat s): Table 1.
 BOTTLENECKS = ((2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1))
+# insightface arcface_torch's "mbf" (backbones/mobilefacenet.py, get_mbf with blocks=(1, 4, 6, 2)
+# and scale=2; the network of insightface's w600k_mbf): the paper's units with twice its widths
+# and half its expansion factors. Its stem is 128 wide, and its 3x3 stem convolution after the
+# strided one has 64 groups of 2 channels rather than one per channel (stem_width=128,
+# stem_groups=64).
+MBF_BOTTLENECKS = ((1, 128, 5, 2), (2, 256, 1, 2), (1, 256, 6, 1), (2, 256, 1, 2), (1, 256, 2, 1))
 
 DEPTHWISE_IMPLEMENTATIONS = ("auto", "conv", "shifted")
 _depthwise_implementation = contextvars.ContextVar("depthwise_implementation", default="auto")
@@ -245,11 +255,20 @@ class MobileFaceNet(nn.Module):
     embedding_dim: size of the returned (not L2-normalised) embedding.
     dropout_rate: dropout before the embedding projection (the paper uses none: default 0).
     dtype: compute dtype of the body (jnp.float32 or jnp.bfloat16); parameters stay float32.
+    stem_width: channels of the two stem convolutions (the paper's 64).
+    stem_groups: groups of the second, 3x3 stem convolution; None (the paper) gives one per
+      channel, a depthwise convolution ("stem_depthwise_*" layers); fewer give a grouped
+      convolution ("stem_grouped_*" layers), which XLA:CPU runs slowly (see DepthwiseConv).
+    bottlenecks: (expansion factor, output channels, repeats, first stride) per group of
+      bottleneck units: BOTTLENECKS (the paper) or MBF_BOTTLENECKS.
   """
 
   embedding_dim: int = 512
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  stem_width: int = 64
+  stem_groups: int | None = None
+  bottlenecks: Sequence[tuple[int, int, int, int]] = BOTTLENECKS
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -257,12 +276,27 @@ class MobileFaceNet(nn.Module):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=CONV_INIT)
     norm = batch_norm(train, self.dtype)
     x = images.astype(self.dtype)
-    x = conv(64, (3, 3), strides=2, padding=1, name="stem_conv")(x)
+    groups = self.stem_width if self.stem_groups is None else self.stem_groups
+    if groups < 1 or self.stem_width % groups:
+      raise ValueError(
+          f"stem_groups {groups} does not divide stem_width {self.stem_width}; pick a divisor."
+      )
+    x = conv(self.stem_width, (3, 3), strides=2, padding=1, name="stem_conv")(x)
     x = PReLU(name="stem_prelu")(norm(name="stem_bn")(x))
-    x = DepthwiseConv((3, 3), padding=1, dtype=self.dtype, name="stem_depthwise_conv")(x)
-    x = PReLU(name="stem_depthwise_prelu")(norm(name="stem_depthwise_bn")(x))
+    if groups == self.stem_width:
+      x = DepthwiseConv((3, 3), padding=1, dtype=self.dtype, name="stem_depthwise_conv")(x)
+      x = PReLU(name="stem_depthwise_prelu")(norm(name="stem_depthwise_bn")(x))
+    else:
+      x = conv(
+          self.stem_width,
+          (3, 3),
+          padding=1,
+          feature_group_count=groups,
+          name="stem_grouped_conv",
+      )(x)
+      x = PReLU(name="stem_grouped_prelu")(norm(name="stem_grouped_bn")(x))
     index = 0
-    for expansion, features, repeats, strides in BOTTLENECKS:
+    for expansion, features, repeats, strides in self.bottlenecks:
       for repeat in range(repeats):
         index += 1
         x = Bottleneck(

@@ -1,0 +1,345 @@
+"""Tests of python -m adam_face.convert: arcface_torch weights into a model directory.
+
+arcface_torch's networks are restated below in PyTorch from their published layout (insightface,
+recognition/arcface_torch/backbones: iresnet.py and mobilefacenet.py), with the module names of
+its state dicts. Their weights are random; their BatchNorm statistics are measured on random
+images in train mode, then jittered (so that every layer carries the image, rather than BN biases,
+to the embedding, and no statistic is 0 or 1). Each side normalises the same uint8 images its own
+way, as in use: arcface_torch (x / 255 - 0.5) / 0.5 in NCHW, adam_face train_input.normalize in
+NHWC.
+"""
+
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip(
+    "torch", reason="the converter's tests need torch: pip install -r benchmarks/requirements.txt"
+)
+from torch import nn  # noqa: E402
+
+from adam_face import convert, model_dir, train_input  # noqa: E402
+from fixtures_data import REPO_ROOT  # noqa: E402
+
+
+class Layers(nn.Module):
+  """A module whose children sit in `.layers`, as in arcface_torch's MobileFaceNet blocks."""
+
+  def __init__(self, *layers, residual=False):
+    super().__init__()
+    self.layers = nn.Sequential(*layers)
+    self.residual = residual
+
+  def forward(self, x):
+    return x + self.layers(x) if self.residual else self.layers(x)
+
+
+def conv_bn(in_channels, out_channels, kernel=1, stride=1, padding=0, groups=1, prelu=True):
+  """arcface_torch's ConvBlock (conv, BN, PReLU) or, without the PReLU, LinearBlock."""
+  layers = [
+      nn.Conv2d(in_channels, out_channels, kernel, stride, padding, groups=groups, bias=False),
+      nn.BatchNorm2d(out_channels),
+  ]
+  return Layers(*layers, nn.PReLU(out_channels)) if prelu else Layers(*layers)
+
+
+def depthwise_unit(in_channels, out_channels, hidden, stride=1):
+  """arcface_torch's DepthWise: expand 1x1, depthwise 3x3 (`hidden` groups), project 1x1; a
+  residual where its stride is 1."""
+  return Layers(
+      conv_bn(in_channels, hidden),
+      conv_bn(hidden, hidden, 3, stride, 1, groups=hidden),
+      conv_bn(hidden, out_channels, prelu=False),
+      residual=stride == 1,
+  )
+
+
+class TorchMobileFaceNet(nn.Module):
+  """arcface_torch's get_mbf(fp16, num_features, blocks=(1, 4, 6, 2), scale=2)."""
+
+  def __init__(self, num_features):
+    super().__init__()
+    self.layers = nn.ModuleList(
+        [
+            conv_bn(3, 128, 3, 2, 1),
+            conv_bn(128, 128, 3, 1, 1, groups=64),
+            depthwise_unit(128, 128, 128, stride=2),
+            Layers(*[depthwise_unit(128, 128, 128) for _ in range(4)]),
+            depthwise_unit(128, 256, 256, stride=2),
+            Layers(*[depthwise_unit(256, 256, 256) for _ in range(6)]),
+            depthwise_unit(256, 256, 512, stride=2),
+            Layers(*[depthwise_unit(256, 256, 256) for _ in range(2)]),
+        ]
+    )
+    self.conv_sep = conv_bn(256, 512)
+    self.features = Layers(
+        conv_bn(512, 512, 7, groups=512, prelu=False),
+        nn.Flatten(),
+        nn.Linear(512, num_features, bias=False),
+        nn.BatchNorm1d(num_features),
+    )
+
+  def forward(self, x):
+    for layer in self.layers:
+      x = layer(x)
+    return self.features(self.conv_sep(x))
+
+
+class IRUnit(nn.Module):
+  """arcface_torch's IBasicBlock: BN, conv3x3, BN, PReLU, conv3x3 (strided), BN, plus shortcut."""
+
+  def __init__(self, in_channels, channels, stride):
+    super().__init__()
+    self.bn1 = nn.BatchNorm2d(in_channels, eps=1e-5)
+    self.conv1 = nn.Conv2d(in_channels, channels, 3, 1, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(channels, eps=1e-5)
+    self.prelu = nn.PReLU(channels)
+    self.conv2 = nn.Conv2d(channels, channels, 3, stride, 1, bias=False)
+    self.bn3 = nn.BatchNorm2d(channels, eps=1e-5)
+    self.downsample = None
+    if stride != 1 or in_channels != channels:
+      self.downsample = nn.Sequential(
+          nn.Conv2d(in_channels, channels, 1, stride, bias=False),
+          nn.BatchNorm2d(channels, eps=1e-5),
+      )
+
+  def forward(self, x):
+    y = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+    return y + (x if self.downsample is None else self.downsample(x))
+
+
+class TorchIResNet(nn.Module):
+  """arcface_torch's IResNet: conv3x3-BN-PReLU stem, four stages, BN-flatten-fc-BN1d head."""
+
+  def __init__(self, depths, num_features):
+    super().__init__()
+    self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
+    self.prelu = nn.PReLU(64)
+    in_channels = 64
+    for stage, (depth, channels) in enumerate(zip(depths, (64, 128, 256, 512)), start=1):
+      units = [IRUnit(in_channels, channels, 2)]
+      units += [IRUnit(channels, channels, 1) for _ in range(depth - 1)]
+      setattr(self, f"layer{stage}", nn.Sequential(*units))
+      in_channels = channels
+    self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
+    self.fc = nn.Linear(512 * 7 * 7, num_features)
+    self.features = nn.BatchNorm1d(num_features, eps=1e-5)
+    self.features.weight.requires_grad = False  # Frozen at its initial 1.
+
+  def forward(self, x):
+    x = self.prelu(self.bn1(self.conv1(x)))
+    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    return self.features(self.fc(torch.flatten(self.bn2(x), 1)))
+
+
+DEPTHS = {
+    "r18": (2, 2, 2, 2),
+    "r34": (3, 4, 6, 3),
+    "r50": (3, 4, 14, 3),
+    "r100": (3, 13, 30, 3),
+    "r200": (6, 26, 60, 6),
+}
+
+
+def torch_model(arch: str, num_features: int = 512) -> nn.Module:
+  if arch == "mbf":
+    return TorchMobileFaceNet(num_features)
+  return TorchIResNet(DEPTHS[arch], num_features)
+
+
+def random_images(seed: int, count: int) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, 256, (count, 112, 112, 3), dtype=np.uint8)
+
+
+def torch_input(images: np.ndarray):
+  return torch.from_numpy(((images / 255.0 - 0.5) / 0.5).transpose(0, 3, 1, 2)).float()
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, seed: int) -> None:
+  """Random weights, BN affine parameters and PReLU slopes; BN statistics of random images,
+  jittered. A frozen scale (the iResNet's final BN) stays 1."""
+  torch.manual_seed(seed)
+  norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+  for m in model.modules():
+    if isinstance(m, nn.PReLU):
+      m.weight.uniform_(-0.1, 0.5)
+  for m in norms:
+    if m.weight.requires_grad:
+      m.weight.uniform_(0.25, 2.0)
+    m.bias.normal_(0.0, 0.2)
+    m.momentum = None  # Cumulative: after one batch, that batch's statistics.
+    m.reset_running_stats()
+  model.train()
+  model(torch_input(random_images(seed, 4)))
+  model.eval()
+  for m in norms:
+    m.running_mean.add_(0.2 * m.running_var.sqrt() * torch.randn_like(m.running_mean))
+    m.running_var.mul_(torch.empty_like(m.running_var).uniform_(0.5, 2.0))
+
+
+IMAGES = random_images(100, 2)
+
+
+@pytest.fixture(scope="module")
+def arcface_torch_weights(tmp_path_factory):
+  """arch -> (a state dict file of random arcface_torch weights, its embeddings of IMAGES);
+  each arch built once, on first use."""
+  cache = {}
+
+  def get(arch):
+    if arch not in cache:
+      model = torch_model(arch)
+      randomize(model, seed=list(convert.ARCFACE_TORCH_ARCHS).index(arch))
+      path = tmp_path_factory.mktemp(arch) / "backbone.pth"
+      torch.save(model.state_dict(), path)
+      with torch.no_grad():
+        cache[arch] = (path, model(torch_input(IMAGES)).numpy())
+    return cache[arch]
+
+  return get
+
+
+def cosine(a, b):
+  return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def convert_and_embed(weights, arch, out):
+  convert.main(["--from", "arcface_torch", "--arch", arch, "--weights", str(weights), "--out", out])
+  model = model_dir.load(out)
+  images = train_input.normalize(IMAGES.astype(np.float32))
+  return model, np.asarray(jax.jit(lambda embed, x: embed(x))(model.embed_fn, images))
+
+
+ARCHS = [
+    "r18",
+    "r34",
+    "r50",
+    pytest.param("r100", marks=pytest.mark.slow),
+    pytest.param("r200", marks=pytest.mark.slow),
+    "mbf",
+]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_converted_model_computes_the_arcface_torch_embeddings(
+    arcface_torch_weights, arch, tmp_path
+):
+  weights, expected = arcface_torch_weights(arch)
+  model, actual = convert_and_embed(weights, arch, str(tmp_path / "model"))
+  assert model.model_config == {"name": convert.ARCFACE_TORCH_ARCHS[arch], "embedding_dim": 512}
+  assert model.image_size == 112
+  similarity = cosine(actual, expected)
+  assert similarity.min() >= 0.99999, similarity
+  # Also equal in scale: a missing input-scale fold (128 / 127.5) left cosines above 0.99999 for
+  # r18 but errors of 0.6% of the largest value, against ~4e-6 converted exactly.
+  np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+  # The two images' embeddings differ by far more than the tolerance: the image, not only the BN
+  # biases, reaches the embedding. (Noise images look alike to deep random networks: 0.899 for
+  # r200, 0.23 to 0.78 for the others.)
+  assert cosine(expected[0], expected[1]) < 0.99
+
+
+def test_command_line_reads_a_data_parallel_checkpoint(arcface_torch_weights, tmp_path):
+  # arcface_torch's checkpoint_gpu_*.pt layout: the backbone's state dict beside other state,
+  # its keys prefixed by DistributedDataParallel's 'module.'.
+  weights, _ = arcface_torch_weights("r18")
+  state = torch.load(weights)
+  checkpoint = tmp_path / "checkpoint_gpu_0.pt"
+  torch.save(
+      {"epoch": 3, "state_dict_backbone": {f"module.{k}": v for k, v in state.items()}}, checkpoint
+  )
+  out = tmp_path / "from_checkpoint"
+  command = [sys.executable, "-m", "adam_face.convert", "--from", "arcface_torch", "--arch", "r18"]
+  command += ["--weights", str(checkpoint), "--out", str(out)]
+  result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  assert "iresnet18, 512-d" in result.stdout
+  convert.main(
+      ["--from", "arcface_torch", "--arch", "r18", "--weights", str(weights), "--out"]
+      + [str(tmp_path / "from_state_dict")]
+  )
+  jax.tree.map(
+      np.testing.assert_array_equal,
+      model_dir.load(str(out)).variables,
+      model_dir.load(str(tmp_path / "from_state_dict")).variables,
+  )
+
+
+def conversion_error(capsys, weights, arch, out) -> str:
+  """The converter's message on stderr, checked to be one line."""
+  with pytest.raises(SystemExit) as exit_info:
+    convert.main(
+        ["--from", "arcface_torch", "--arch", arch, "--weights", str(weights), "--out", str(out)]
+    )
+  assert exit_info.value.code == 1
+  message = capsys.readouterr().err
+  assert message.count("\n") == 1, message
+  return message
+
+
+@pytest.mark.parametrize(
+    "arch, problem",
+    [
+        ("r34", "tensor 'layer1.2.bn1.weight' is missing"),  # r34's third unit of stage 1.
+        ("mbf", "tensor 'layers.0.layers.0.weight' is missing"),
+    ],
+)
+def test_weights_of_another_network_are_refused(
+    arcface_torch_weights, tmp_path, capsys, arch, problem
+):
+  weights, _ = arcface_torch_weights("r18")
+  message = conversion_error(capsys, weights, arch, tmp_path / "model")
+  assert f"does not hold arcface_torch {arch} weights: {problem}" in message
+  assert "check --arch" in message
+  assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (lambda state: state.pop("layer3.1.prelu.weight"), "'layer3.1.prelu.weight' is missing"),
+        (
+            lambda state: state.update({"head.weight": torch.zeros(3)}),
+            "'head.weight' is unexpected",
+        ),
+        (
+            lambda state: state.update({"fc.weight": torch.zeros(512, 100)}),
+            "'fc.weight' has shape (512, 100), expected (512, 25088)",
+        ),
+    ],
+    ids=["missing", "unexpected", "shape"],
+)
+def test_a_wrong_tensor_is_named_in_one_line(
+    arcface_torch_weights, tmp_path, capsys, edit, problem
+):
+  weights, _ = arcface_torch_weights("r18")
+  state = torch.load(weights)
+  edit(state)
+  torch.save(state, tmp_path / "edited.pth")
+  message = conversion_error(capsys, tmp_path / "edited.pth", "r18", tmp_path / "model")
+  assert problem in message
+
+
+def test_an_existing_model_is_not_overwritten(tmp_path, capsys):
+  (tmp_path / model_dir.MODEL_JSON).write_text("{}")
+  message = conversion_error(capsys, tmp_path / "absent.pth", "r18", tmp_path)
+  assert "already holds a model" in message
+
+
+def test_torch_is_imported_only_to_convert(monkeypatch, tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-c", "import sys, adam_face.convert; print('torch' in sys.modules)"],
+      cwd=REPO_ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert result.stdout.strip() == "False", result.stderr
+  monkeypatch.setitem(sys.modules, "torch", None)  # As if not installed: import raises.
+  with pytest.raises(convert.ConversionError, match="pip install -r benchmarks/requirements.txt"):
+    convert.load_state_dict(str(tmp_path / "backbone.pth"))
