@@ -15,8 +15,13 @@ import tempfile
 # TFDS reads TFDS_DATA_DIR once, when it is first imported (by test modules, before any fixture).
 os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="adam_face_tfds_")
 atexit.register(shutil.rmtree, os.environ["TFDS_DATA_DIR"], ignore_errors=True)
+# The tests' programs are tiny and each compiles once: XLA:CPU's expensive LLVM passes cost more
+# compile time (a third of a tiny training run) than they save in run time. Subprocess workers
+# inherit these flags and replace only the device count.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8"
+    + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One compilation cache for the session, shared with the training subprocesses (they inherit the

@@ -15,7 +15,11 @@ import signal
 import sys
 
 workdir, spec = sys.argv[1], json.loads(sys.argv[2])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['devices']}"
+# The session's other XLA flags (tests/conftest.py) stay; only the device count is this run's.
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    + [f"--xla_force_host_platform_device_count={spec['devices']}"]
+)
 os.environ["JAX_PLATFORMS"] = "cpu"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO_ROOT, os.path.join(REPO_ROOT, "tests")]

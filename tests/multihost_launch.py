@@ -20,7 +20,6 @@ def start_workers(tmp_path, *args):
   """Starts the two processes of multihost_worker.py (args follow its usage); (procs, workdir)."""
   port, workdir = str(free_port()), tmp_path / "work"
   env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
-  env.pop("XLA_FLAGS", None)
   procs = [
       subprocess.Popen(
           [

@@ -11,7 +11,11 @@ import sys
 
 process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 num_train_steps = int(sys.argv[4]) if len(sys.argv) > 4 else 6
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+# The session's other XLA flags (tests/conftest.py) stay; only the device count is this run's.
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    + ["--xla_force_host_platform_device_count=4"]
+)
 os.environ["JAX_PLATFORMS"] = "cpu"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO_ROOT, os.path.join(REPO_ROOT, "tests")]

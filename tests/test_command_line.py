@@ -30,9 +30,9 @@ def test_a_mistyped_field_is_one_line_naming_the_valid_ones(tmp_path):
   assert run.returncode != 0
   assert run.stderr.strip().splitlines()[-1] == (
       "FATAL Flags parsing error: --config.optimizer.learnin_rate: config.optimizer has no field "
-      "'learnin_rate'. Did you mean 'optimizer.learning_rate'? Valid fields: grad_clip_norm, "
-      "learning_rate, momentum, name, polynomial_power, schedule, step_boundaries, warmup_steps, "
-      "weight_decay."
+      "'learnin_rate'. Did you mean 'optimizer.learning_rate'? Valid fields: backbone_lr_scale, "
+      "freeze_backbone_steps, grad_clip_norm, learning_rate, momentum, name, polynomial_power, "
+      "schedule, step_boundaries, warmup_steps, weight_decay."
   )
   assert "Traceback" not in run.stderr
   assert not any(tmp_path.iterdir()), "nothing ran"
