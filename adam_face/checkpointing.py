@@ -387,13 +387,15 @@ def verify(tree, integrity: dict[str, Any], *, where: str) -> None:
   ]
   if bad:
     raise ValueError(
-        f"{where}: {len(bad)} arrays do not match their fingerprints (first: {bad[0]})"
+        f"{where}: {len(bad)} of {len(fingerprints)} arrays do not match their fingerprints "
+        f"(first: {bad[0]})"
     )
 
 
 def restore_arrays(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
   """(step, the state's arrays as nested dicts of numpy arrays), verified: for reading a
-  checkpoint without building the TrainState (evaluation, tests). Latest step by default."""
+  checkpoint without building the TrainState (evaluation, embedding, tests), on any device count.
+  Latest step by default."""
   checkpoints = Checkpoints(workdir, keep=1, read_only=True)
   manager = checkpoints._manager  # pylint: disable=protected-access
   try:
@@ -405,7 +407,14 @@ def restore_arrays(workdir: str, step: int | None = None) -> tuple[int, dict[str
       )
     restored = manager.restore(
         step,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(), integrity=ocp.args.JsonRestore()),
+        args=ocp.args.Composite(
+            # Laid out as saved where this process has those devices, else on its first device:
+            # evaluation and embedding may run on fewer devices than training.
+            state=ocp.args.StandardRestore(
+                fallback_sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            ),
+            integrity=ocp.args.JsonRestore(),
+        ),
     )
   finally:
     checkpoints.close()

@@ -6,7 +6,9 @@ Usage: python tests/fault_worker.py WORKDIR SPEC_JSON, where SPEC_JSON holds
   crash_after_batches     (optional) the data iterator raises after this many batches,
   kill_when_committing    (optional) SIGKILL this process at the moment orbax would commit
                           (rename into place) the checkpoint of this step: written, not committed.
-Prints one line "RESULT <json>" with the step reached, when the run ends normally.
+  read_only               (optional) do not train: read the latest checkpoint's arrays
+                          (checkpointing.restore_arrays, as evaluate and embed do).
+Prints one line "RESULT <json>": the step reached, or the step read and its arrays' shapes.
 """
 
 import json
@@ -24,9 +26,10 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO_ROOT, os.path.join(REPO_ROOT, "tests")]
 
+import jax  # noqa: E402
 from orbax.checkpoint._src.path import atomicity  # noqa: E402
 
-from adam_face import train, train_input  # noqa: E402
+from adam_face import checkpointing, train, train_input  # noqa: E402
 from tiny_config import tiny_demo_config  # noqa: E402
 
 if spec.get("crash_after_batches") is not None:
@@ -49,6 +52,15 @@ if spec.get("kill_when_committing") is not None:
     return await real_commit(tmp_dir, **kwargs)
 
   atomicity.on_commit_callback = commit_or_die
+
+if spec.get("read_only"):
+  step, state = checkpointing.restore_arrays(workdir)
+  shapes = {
+      checkpointing.leaf_name(path): list(x.shape)
+      for path, x in jax.tree_util.tree_leaves_with_path(state)
+  }
+  print("RESULT " + json.dumps({"step": step, "shapes": shapes}), flush=True)
+  sys.exit(0)
 
 results = train.train_and_evaluate(tiny_demo_config(**spec["config"]), workdir)
 print("RESULT " + json.dumps({"step": results["step"]}), flush=True)

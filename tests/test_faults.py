@@ -277,6 +277,12 @@ def test_resume_on_other_device_counts_8_3_8(reference, tmp_path, monkeypatch):
   # whose reductions sum in another order; the drift stays at float32 rounding.
   _assert_same_arrays(arrays, reference[1], rtol=1e-4, atol=1e-5)
 
+  # Evaluation and embedding read checkpoints on whatever devices they have: here one.
+  on_one = _run_worker(workdir, devices=1, read_only=True)
+  assert on_one.returncode == 0, on_one.stderr[-3000:]
+  result = json.loads(next(l for l in on_one.stdout.splitlines() if l.startswith("RESULT "))[7:])
+  assert result["step"] == 8 and result["shapes"]["params.head.0.centers"] == [16, 128]
+
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(reference, tmp_path, caplog):
   """4 KiB of garbage in the middle of the latest checkpoint's largest data file: the resume
