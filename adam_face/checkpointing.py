@@ -42,7 +42,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from adam_face import errors
+from adam_face import config_lib, errors
 
 ITEMS = ("state", "integrity", "config")  # What each step directory holds (module docstring).
 
@@ -104,8 +104,9 @@ def _fingerprint(x: jax.Array) -> jax.Array:
   return jnp.sum(mixed ^ (mixed >> 16), dtype=jnp.uint32)
 
 
-def _summary(tree, rows: dict[str, int]):
+def _summary(tree, rows: tuple[tuple[str, int], ...]):
   """({leaf name: fingerprint}, all floating values finite), over each leaf's real rows."""
+  rows = dict(rows)
   fingerprints, finite = {}, jnp.bool_(True)
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     name = leaf_name(path)
@@ -118,16 +119,10 @@ def _summary(tree, rows: dict[str, int]):
 
 def summarize(tree, rows: dict[str, int]) -> tuple[dict[str, int], bool]:
   """Fingerprints of every leaf (as Python ints) and whether every value is finite."""
-  fingerprints, finite = jax.jit(_summary, static_argnums=1)(tree, _Frozen(rows))
+  # rows as sorted pairs: hashable, so a static argument of jit.
+  fingerprints, finite = jax.jit(_summary, static_argnums=1)(tree, tuple(sorted(rows.items())))
   fingerprints, finite = jax.device_get((fingerprints, finite))
   return {k: int(v) for k, v in fingerprints.items()}, bool(finite)
-
-
-class _Frozen(dict):
-  """A hashable dict, so `rows` can be a static argument of jit."""
-
-  def __hash__(self):
-    return hash(tuple(sorted(self.items())))
 
 
 # ------------------------------------------------------------------------------ the manager
@@ -143,18 +138,6 @@ def _all_agree(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
-
-
-def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-  """'field: old -> new' for every field whose value differs between two config dicts."""
-  changes = []
-  for key in sorted(set(old) | set(new)):
-    a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
-    if isinstance(a, dict) and isinstance(b, dict):
-      changes += config_changes(a, b, f"{prefix}{key}.")
-    elif a != b:
-      changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
-  return changes
 
 
 class Checkpoints:
@@ -351,7 +334,7 @@ class Checkpoints:
     return message
 
   def _warn_about_changes(self, step: int, saved_config: dict, config, state) -> None:
-    changes = config_changes(saved_config, json.loads(config.to_json()))
+    changes = config_lib.config_changes(saved_config, json.loads(config.to_json()))
     if not changes:
       return
     logging.warning(

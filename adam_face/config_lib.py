@@ -261,6 +261,17 @@ def validate_for_mesh(
       )
 
 
+def config_changes(old: dict, new: dict) -> list[str]:
+  """'field: old -> new' for every field whose value differs between two configs as dicts (for
+  instance a checkpoint's saved config and this run's)."""
+  old, new = (_flatten(ml_collections.ConfigDict(c), free_form=()) for c in (old, new))
+  return [
+      f"{path}: {old.get(path, '<unset>')!r} -> {new.get(path, '<unset>')!r}"
+      for path in sorted(set(old) | set(new))
+      if old.get(path, "<unset>") != new.get(path, "<unset>")
+  ]
+
+
 def flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config as flat scalars for TensorBoard's hparams plugin."""
   return {

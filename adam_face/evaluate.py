@@ -28,10 +28,8 @@ def evaluate_model(path: str, sets=None, step=None, data_dir=None, batch_size=No
   from adam_face import report, train, verification  # pylint: disable=g-import-not-at-top
 
   model = model_dir.load(path, step)
-  config_path = os.path.join(path, "config.json")
-  if os.path.exists(config_path):
-    with open(config_path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+  if model.train_config is not None:
+    config = ml_collections.ConfigDict(model.train_config)
   else:
     if not sets:
       raise ValueError(f"{path} is a model directory: name the sets to score with --sets.")

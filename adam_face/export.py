@@ -37,7 +37,7 @@ from jax.experimental import jax2tf
 import jax.numpy as jnp
 import tensorflow as tf
 
-from adam_face import model_dir, train_input
+from adam_face import classifier, model_dir, train_input
 
 FLAGS = flags.FLAGS
 FORMATS = ("saved_model", "tflite", "onnx")
@@ -74,9 +74,7 @@ def serving_fn(model: model_dir.Model):
     embeddings = module.apply(
         variables, train_input.normalize(images.astype(jnp.float32)), train=False
     )
-    norm = jnp.linalg.norm(embeddings, axis=-1, keepdims=True)
-    # A zero embedding stays zero instead of becoming NaN (torch's F.normalize does the same).
-    return embeddings / jnp.maximum(norm, 1e-12)
+    return classifier.l2_normalize(embeddings)  # A zero embedding stays zero, not NaN.
 
   return serve
 

@@ -41,6 +41,7 @@ class Model:
   model_config: dict[str, Any]  # create_model's arguments: {"name": ..., "embedding_dim": ...}
   source: str  # The path it was loaded from, or what it was converted from.
   step: int | None = None  # The checkpoint's step, when loaded from a training workdir.
+  train_config: dict[str, Any] | None = None  # That workdir's config.json.
 
   @functools.cached_property
   def embed_fn(self) -> jax.tree_util.Partial:
@@ -150,6 +151,7 @@ def load(path: str, step: int | None = None) -> Model:
         model_config,
         f"{os.path.abspath(path)} step {step}",
         step,
+        config,
     )
   raise FileNotFoundError(
       f"{path} is neither a model directory (no {MODEL_JSON}; write one with "
