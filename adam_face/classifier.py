@@ -18,15 +18,19 @@ of `_MASKED_LOGIT`, so they never win the arg-max, never take softmax mass, and 
 
 Partial FC (`sample_rate` < 1): per step and per shard, every class that is a target of the global
 batch is kept and the remaining places are filled with negatives drawn uniformly at random without
-replacement. The number of centres used per shard is static:
+replacement (`partial_fc_rows`). The number of centres used per shard is static:
 
   num_sampled = min(C/N, max(ceil(sample_rate * C/N), min(B, C/N)))
 
-(the floor min(B, C/N) guarantees that all positives fit). Unsampled centres get no gradient, and
-`keep_unsampled_rows` makes the optimiser update lazy for them: their value *and* their optimiser
-state (momentum, Adam moments) stay exactly as they were, so weight decay and momentum act on a
-centre only on the steps it takes part in. (insightface's partial_fc_v2 instead lets momentum and
-weight decay keep moving unsampled rows; the lazy rule keeps "unsampled" meaning "untouched".)
+(the floor min(B, C/N) guarantees that all positives fit). The training step gathers the sampled
+rows of the centres *and of their optimiser state* (`gather_center_rows`), differentiates and
+updates that [N * num_sampled, D] block alone, and writes it back in place (`scatter_center_rows`
+on donated buffers). So neither the gradient nor the optimiser's work ever spans all C rows, and
+the update is lazy: an unsampled centre keeps its value and its optimiser state (momentum, Adam
+moments) bit for bit, and weight decay and momentum act on a centre only on the steps it takes
+part in. (insightface's partial_fc_v2 instead keeps a dense [C, D] gradient and lets momentum and
+weight decay move every row each step; the lazy rule keeps "unsampled" meaning "untouched" and
+costs memory only for what is sampled.)
 """
 
 from __future__ import annotations
@@ -118,17 +122,100 @@ def _batch_accuracy(pred: jax.Array, labels_local: jax.Array, shard: jax.Array) 
   return correct / pred.shape[0]
 
 
-def _sample_local_classes(key, labels, class_ids, num_classes, num_sampled):
-  """Sorted local indices of the centres to use: all positives plus random negatives."""
-  per_shard = class_ids.shape[0]
-  local = labels - class_ids[0]
-  local = jnp.where((local >= 0) & (local < per_shard), local, per_shard)  # Off-shard: dropped.
-  positive = jnp.zeros(per_shard, bool).at[local].set(True, mode="drop")
-  score = jax.random.uniform(key, (per_shard,))
-  score = jnp.where(positive, 2.0, score)  # Positives outrank every uniform draw.
-  score = jnp.where(class_ids >= num_classes, -1.0, score)  # Padding comes last.
-  _, idx = jax.lax.top_k(score, num_sampled)
-  return jnp.sort(idx)
+def partial_fc_rows(
+    labels: jax.Array, key: jax.Array, *, mesh: Mesh, num_classes: int, sample_rate: float
+) -> jax.Array | None:
+  """The rows of the class centres that Partial FC uses this step, or None when it uses all.
+
+  Args:
+    labels: [B] int class ids of the global batch, batch-sharded over MESH_AXIS.
+    key: PRNG key (replicated); shard n draws with fold_in(key, n).
+
+  Returns:
+    int32 [N * num_sampled], sharded P(MESH_AXIS): shard n's block holds sorted row indices into
+    its own C/N centres: every class that is a target of the global batch, then negatives drawn
+    uniformly without replacement (padding classes only when nothing else is left).
+  """
+  num_shards = mesh.size
+  num_sampled = num_sampled_per_shard(num_classes, num_shards, labels.shape[0], sample_rate)
+  per_shard = padded_num_classes(num_classes, num_shards) // num_shards
+  if num_sampled == per_shard:
+    return None
+
+  def local_rows(labels_local, key):
+    labels = jax.lax.all_gather(labels_local, MESH_AXIS, tiled=True)
+    shard = jax.lax.axis_index(MESH_AXIS)
+    class_ids = shard * per_shard + jnp.arange(per_shard)
+    local = labels - class_ids[0]
+    local = jnp.where((local >= 0) & (local < per_shard), local, per_shard)  # Off-shard: dropped.
+    positive = jnp.zeros(per_shard, bool).at[local].set(True, mode="drop")
+    score = jax.random.uniform(jax.random.fold_in(key, shard), (per_shard,))
+    score = jnp.where(positive, 2.0, score)  # Positives outrank every uniform draw.
+    score = jnp.where(class_ids >= num_classes, -1.0, score)  # Padding comes last.
+    _, rows = jax.lax.top_k(score, num_sampled)
+    return jnp.sort(rows).astype(jnp.int32)
+
+  return jax.shard_map(local_rows, mesh=mesh, in_specs=(P(MESH_AXIS), P()), out_specs=P(MESH_AXIS))(
+      labels, key
+  )
+
+
+def gather_rows(centers: jax.Array, rows: jax.Array, mesh: Mesh) -> jax.Array:
+  """centers[rows] shard by shard: [N * num_sampled, ...], sharded like the centres."""
+  return jax.shard_map(
+      lambda w, r: w[r],
+      mesh=mesh,
+      in_specs=(P(MESH_AXIS), P(MESH_AXIS)),
+      out_specs=P(MESH_AXIS),
+  )(centers, rows)
+
+
+def scatter_rows(centers: jax.Array, rows: jax.Array, values: jax.Array, mesh: Mesh) -> jax.Array:
+  """centers with its `rows` (per shard, as from partial_fc_rows) replaced by `values`.
+
+  An in-place update of each shard when `centers` is a donated buffer: nothing of size [C, D]
+  is allocated.
+  """
+  return jax.shard_map(
+      lambda w, r, v: w.at[r].set(v, indices_are_sorted=True, unique_indices=True),
+      mesh=mesh,
+      in_specs=(P(MESH_AXIS), P(MESH_AXIS), P(MESH_AXIS)),
+      out_specs=P(MESH_AXIS),
+  )(centers, rows, values)
+
+
+def _map_center_leaves(fn, rows: Sequence[jax.Array | None], tree: Any, *rest: Any) -> Any:
+  """fn(leaf, *rest_leaves, rows[k]) on every 'centers' leaf of head k whose rows are not None;
+  every other leaf of `tree` passes through.
+
+  The centres of head k are the 'centers' leaves under sequence index k: params['head'][k] and
+  its mirrors in the optimiser state (momentum, Adam moments).
+  """
+
+  def apply(path, leaf, *rest_leaves):
+    keys = [getattr(k, "key", None) for k in path]
+    if "centers" not in keys:
+      return leaf
+    position = keys.index("centers")
+    head_rows = rows[getattr(path[position - 1], "idx", 0) if position else 0]
+    return leaf if head_rows is None else fn(leaf, *rest_leaves, head_rows)
+
+  return jax.tree_util.tree_map_with_path(apply, tree, *rest)
+
+
+def gather_center_rows(tree: Any, rows: Sequence[jax.Array | None], mesh: Mesh) -> Any:
+  """Every head's centres in `tree` (params or optimiser state) cut to its Partial FC rows."""
+  return _map_center_leaves(lambda leaf, r: gather_rows(leaf, r, mesh), rows, tree)
+
+
+def scatter_center_rows(
+    tree: Any, gathered: Any, rows: Sequence[jax.Array | None], mesh: Mesh
+) -> Any:
+  """The inverse of gather_center_rows: `tree` with the gathered rows written back."""
+  # Every leaf but the sampled centres comes from `gathered`: it holds the new values.
+  return _map_center_leaves(
+      lambda part, leaf, r: scatter_rows(leaf, r, part, mesh), rows, gathered, tree
+  )
 
 
 def margin_head_loss(
@@ -140,7 +227,7 @@ def margin_head_loss(
     *,
     mesh: Mesh,
     num_classes: int,
-    sample_rate: float = 1.0,
+    rows: jax.Array | None = None,
     key: jax.Array | None = None,
     compute_dtype: Any = jnp.float32,
 ):
@@ -148,67 +235,69 @@ def margin_head_loss(
 
   Args:
     centers: [C_pad * K, D] class centres (K = margin.centers_per_class, class-major), sharded
-      P(MESH_AXIS, None).
+      P(MESH_AXIS, None); with `rows`, only the Partial FC block gather_rows(all, rows).
     embeddings: [B, D] backbone embeddings (not normalised), batch-sharded over MESH_AXIS.
     labels: [B] int class ids in [0, num_classes).
     margin: an adam_face.margins.Margin; margin_state its state before this batch.
-    sample_rate: Partial FC rate in (0, 1]; < 1 needs `key`.
-    key: PRNG key for Partial FC sampling and for margins that draw (ElasticFace).
-    compute_dtype: dtype of the cosine matmul (accumulation is always float32).
+    rows: Partial FC's rows for this batch (partial_fc_rows), which must hold its labels.
+    key: PRNG key for margins that draw (ElasticFace).
+    compute_dtype: dtype of the cosine matmul (accumulation is always float32; the centres are
+      normalised in float32, master weights, before the cast).
 
   Returns:
-    (loss, metrics, new_margin_state, sampled): metrics hold 'acc', 'acc_margin', the margin's own
+    (loss, metrics, new_margin_state): metrics hold 'acc', 'acc_margin', the margin's own
     metrics (current margin, running statistics) and 'cos_target' [B], each row's cosine to its
     own class (the best sub-centre's), without gradient; new_margin_state is the state after this
-    batch; `sampled` is a bool [C_pad] (sharded like the centres) marking the centres used.
+    batch. With `rows`, accuracy is over the sampled classes, as the loss is.
   """
   num_shards = mesh.size
   k = margin.centers_per_class
   c_pad = padded_num_classes(num_classes, num_shards)
-  if centers.shape[0] != c_pad * k:
+  if rows is None and centers.shape[0] != c_pad * k:
     raise ValueError(
         f"centers has {centers.shape[0]} rows; expected {c_pad * k} for "
         f"{num_classes} classes x {k} centres on {num_shards} devices (use "
         "init_centers)."
+    )
+  if rows is not None and k > 1:
+    raise ValueError(
+        "Partial FC sampling (head.sample_rate < 1) does not support sub-centres; "
+        "use head.sample_rate = 1 with subcenter_arcface."
+    )
+  if rows is not None and centers.shape[0] != rows.shape[0]:
+    raise ValueError(
+        f"centers has {centers.shape[0]} rows but Partial FC chose {rows.shape[0]}; pass "
+        "gather_rows(centers, rows, mesh)."
     )
   if embeddings.shape[0] % num_shards:
     raise ValueError(
         f"Global batch {embeddings.shape[0]} is not divisible by the {num_shards} "
         "devices of the mesh; choose a batch size that is a multiple of it."
     )
-  num_sampled = num_sampled_per_shard(num_classes, num_shards, embeddings.shape[0], sample_rate)
-  sampling = num_sampled < c_pad // num_shards
-  if sampling and k > 1:
-    raise ValueError(
-        "Partial FC sampling (head.sample_rate < 1) does not support sub-centres; "
-        "use head.sample_rate = 1 with subcenter_arcface."
-    )
-  if sampling and key is None:
-    raise ValueError("Partial FC (sample_rate < 1) needs a key.")
-  sample_key, margin_key = jax.random.split(jax.random.key(0) if key is None else key)
+  per_shard = c_pad // num_shards
+  if rows is None:  # Every centre: the rows are the shard's own, in order.
+    rows = jnp.tile(jnp.arange(per_shard, dtype=jnp.int32), num_shards)
+  margin_key = jax.random.key(0) if key is None else key
 
   def local_loss(
-      centers_local, emb_local, labels_local, state, sample_key, margin_key, feature_norm
+      centers_local, rows_local, emb_local, labels_local, state, margin_key, feature_norm
   ):
-    per_shard = centers_local.shape[0] // k
     shard = jax.lax.axis_index(MESH_AXIS)
     emb = jax.lax.all_gather(emb_local, MESH_AXIS, tiled=True)
     labels = jax.lax.all_gather(labels_local, MESH_AXIS, tiled=True)
-    class_ids = shard * per_shard + jnp.arange(per_shard)
-    if sampling:
-      idx = _sample_local_classes(
-          jax.random.fold_in(sample_key, shard), labels, class_ids, num_classes, num_sampled
-      )
-      centers_local, class_ids = centers_local[idx], class_ids[idx]
-      sampled = jnp.zeros(per_shard, bool).at[idx].set(True)
-    else:
-      sampled = jnp.ones(per_shard, bool)
+    class_ids = shard * per_shard + rows_local
+    # The centres' inverse norms scale the matmul's columns (as l2_normalize would scale the
+    # rows): no normalised copy of the [C/N, D] block is made, one block less at the step's peak.
+    inverse_norms = jax.lax.rsqrt(
+        jnp.maximum(jnp.sum(centers_local * centers_local, axis=-1), 1e-12)
+    )
     cos = margin.pool_class_cosines(
         jnp.dot(
             l2_normalize(emb).astype(compute_dtype),
-            l2_normalize(centers_local).astype(compute_dtype).T,
+            centers_local.astype(compute_dtype).T,
             preferred_element_type=jnp.float32,
         )
+        * inverse_norms
     )
     target_mask = labels[:, None] == class_ids[None, :]
     real = (class_ids < num_classes)[None, :]
@@ -220,8 +309,14 @@ def margin_head_loss(
     target = margin.target_logits(
         cos_target, state=state, feature_norm=feature_norm, key=margin_key
     )
-    others = margin.nontarget_logits(cos, cos_target=cos_target, state=state)
-    logits = jnp.where(real, jnp.where(target_mask, target[:, None], others), _MASKED_LOGIT)
+    # Per-row values, the same on every shard, meet this shard's [B, C/N] block below. Marked as
+    # varying while still [B]: else shard_map marks the broadcast [B, C/N] operand, and the
+    # backward pass all-reduces a [B, C/N] gradient instead of a [B] one.
+    as_varying = lambda x: jax.lax.pcast(x, MESH_AXIS, to="varying")  # noqa: E731
+    others = margin.nontarget_logits(cos, cos_target=as_varying(cos_target), state=state)
+    logits = jnp.where(
+        real, jnp.where(target_mask, as_varying(target)[:, None], others), _MASKED_LOGIT
+    )
     row_max = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), MESH_AXIS)
     sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits - row_max[:, None]), axis=-1), MESH_AXIS)
     loss = jnp.mean(jnp.log(sum_exp) + row_max - target) + margin.extra_loss(feature_norm)
@@ -234,40 +329,15 @@ def margin_head_loss(
         **margin.metrics(state),
         "cos_target": jax.lax.stop_gradient(cos_target),
     }
-    return loss, metrics, margin.update_margin(state, acc_margin=acc_margin), sampled
+    return loss, metrics, margin.update_margin(state, acc_margin=acc_margin)
 
   sharded = jax.shard_map(
       local_loss,
       mesh=mesh,
-      in_specs=(P(MESH_AXIS, None), P(MESH_AXIS, None), P(MESH_AXIS), P(), P(), P(), P()),
-      out_specs=(P(), P(), P(), P(MESH_AXIS)),
+      in_specs=(P(MESH_AXIS, None), P(MESH_AXIS), P(MESH_AXIS, None), P(MESH_AXIS), P(), P(), P()),
+      out_specs=(P(), P(), P()),
   )
   # Norms of the global batch, replicated (AdaFace and MagFace read them; MagFace's gradient
   # flows back through them to the embeddings).
   feature_norm = jnp.linalg.norm(embeddings.astype(jnp.float32), axis=-1)
-  return sharded(centers, embeddings, labels, margin_state, sample_key, margin_key, feature_norm)
-
-
-def keep_unsampled_rows(new_tree: Any, old_tree: Any, sampled: Sequence[jax.Array]) -> Any:
-  """Restores every 'centers' leaf row (params or optimiser state) that was not sampled.
-
-  `sampled` holds one mask per head: the centres of head k are the 'centers' leaves under
-  sequence index k (params['head'][k] and its mirrors in the optimiser state). Applied to
-  (params, opt_state) after the optimiser step, it makes Partial FC's update lazy: unsampled
-  centres keep their value, momentum and moments bit for bit.
-  """
-
-  def restore(path, new, old):
-    keys = [getattr(k, "key", None) for k in path]
-    if "centers" not in keys:
-      return new
-    position = keys.index("centers")
-    mask = sampled[getattr(path[position - 1], "idx", 0) if position else 0]
-    if new.shape[:1] != mask.shape:
-      raise ValueError(
-          f"{jax.tree_util.keystr(path)} has {new.shape[0]} rows, but its head's "
-          f"sampling mask has {mask.shape[0]}."
-      )
-    return jnp.where(mask.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-
-  return jax.tree_util.tree_map_with_path(restore, new_tree, old_tree)
+  return sharded(centers, rows, embeddings, labels, margin_state, margin_key, feature_norm)

@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from adam_face import margins, models, verification_sets
+from adam_face import margins, models
 
 DEFAULT_CONFIG_PATH = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
 _FREE_FORM = ("dataset.builder_kwargs", "loss")
@@ -229,6 +229,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           "(the smallest crop keeps 1 - crop of each side)."
       )
   dataset_batch_sizes(config)
+  # Imported here: it reads TFDS, which the training step itself (train_step) does without.
+  from adam_face import verification_sets  # pylint: disable=g-import-not-at-top
+
   names = [verification_sets.set_name(entry) for entry in config.verification.sets]
   repeated = sorted({name for name in names if names.count(name) > 1})
   if repeated:

@@ -16,13 +16,12 @@ TF's shuffle mixes in TF's global seed, so a resumed run must set it (tf.random.
 as the original did, or not at all.
 
 Several datasets train together (create_fused_train_iterator) in fused batches whose rows are laid
-out device-major (fuse_datasets); split_by_dataset undoes that layout on the devices. Both live
-here so the layout is defined in one place.
+out device-major (adam_face.batch_layout, which the training step reads without TensorFlow).
 
 The dataset config fields are described in data_builders, which prepares the builders.
 """
 
-from typing import Iterator, Sequence
+from typing import Iterator
 
 from absl import logging
 import jax
@@ -30,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from adam_face import data_builders
+from adam_face import batch_layout, data_builders
 
 PIXEL_MEAN = 127.5
 PIXEL_SCALE = 128.0
@@ -242,42 +241,12 @@ def dataset_seed(seed: int, index: int) -> int:
   return seed if index == 0 else _seed_from(seed, index)
 
 
-def fuse_datasets(parts: Sequence[np.ndarray], num_devices: int) -> np.ndarray:
-  """One fused batch from each dataset's rows `parts` (each divisible by num_devices).
-
-  A batch is split over the devices by rows; the fused batch holds device d's share of dataset 0,
-  then its share of dataset 1, ..., so every dataset is sharded evenly over the devices and
-  split_by_dataset recovers each dataset's rows without moving data between devices.
-  """
-  blocks = [part.reshape((num_devices, -1) + part.shape[1:]) for part in parts]
-  return np.concatenate(blocks, axis=1).reshape((-1,) + parts[0].shape[1:])
-
-
-def split_by_dataset(x, batch_sizes: Sequence[int], num_devices: int) -> list:
-  """Each dataset's rows of a fused global batch (fuse_datasets' inverse), for jax or numpy x.
-
-  Every device holds its share of dataset 0, then of dataset 1, ...; so the split is a reshape
-  to [devices, rows per device] and a slice of the per-device axis, local to each device. The
-  host fuses its processes' share over its local devices; in the global array (rows ordered by
-  process, then by local device) that is the same layout over all the mesh's devices.
-  """
-  if len(batch_sizes) == 1:
-    return [x]
-  blocks = x.reshape((num_devices, -1) + x.shape[1:])
-  parts, start = [], 0
-  for size in batch_sizes:
-    per_device = size // num_devices
-    parts.append(blocks[:, start : start + per_device].reshape((size,) + x.shape[1:]))
-    start += per_device
-  return parts
-
-
 def create_fused_train_iterator(
     dataset_configs, *, batch_sizes, seed: int, start_step: int = 0
 ) -> Iterator[dict[str, np.ndarray]]:
   """Batches holding batch_sizes[k] images of dataset_configs[k] each (dataset fusion).
 
-  Rows are laid out by fuse_datasets over this process's devices, so split_by_dataset recovers
+  Rows are laid out by batch_layout.fuse_datasets over this process's devices, so batch_layout.split_by_dataset recovers
   each dataset's rows on the devices. Labels stay each dataset's own class ids. Each dataset is
   its own deterministic stream (seeded by dataset_seed), so a run resumed at start_step sees
   exactly the batches it would have seen.
@@ -301,7 +270,8 @@ def create_fused_train_iterator(
     while True:
       batches = [next(stream) for stream in streams]
       yield {
-          key: fuse_datasets([batch[key] for batch in batches], local_devices) for key in batches[0]
+          key: batch_layout.fuse_datasets([batch[key] for batch in batches], local_devices)
+          for key in batches[0]
       }
 
   return fused()

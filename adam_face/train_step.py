@@ -18,7 +18,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from adam_face import classifier, config_lib, margins, train_input
+from adam_face import batch_layout, classifier, config_lib, margins
 
 MESH_AXIS = classifier.MESH_AXIS
 
@@ -122,7 +122,7 @@ def create_optimizer(
 # ------------------------------------------------------------------------------ state
 
 
-def _state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
+def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
   """Class centres (and their optimiser state) sharded by class; everything else replicated."""
 
   def sharding(path, leaf):
@@ -191,7 +191,7 @@ def create_train_state(
     )
 
   rng = jax.random.PRNGKey(config.seed)
-  shardings = _state_shardings(jax.eval_shape(init, rng), mesh)
+  shardings = state_shardings(jax.eval_shape(init, rng), mesh)
   return jax.jit(init, out_shardings=shardings)(rng), shardings
 
 
@@ -211,7 +211,7 @@ def fused_margin_loss(
     *,
     heads: Sequence[Head],
     mesh: Mesh,
-    sample_rate: float = 1.0,
+    rows=None,
     compute_dtype: Any = jnp.float32,
 ):
   """The margin loss of a (possibly fused) global batch: each dataset's rows against that
@@ -219,13 +219,13 @@ def fused_margin_loss(
   as each other's negatives. The loss is the mean over all rows, i.e. the datasets' losses
   weighted by their share of the batch.
 
-  Returns (loss, (per-dataset losses, metrics, margin states, sampled masks)).
+  keys holds a margin key per head; rows, if given, each head's Partial FC rows (None for a head
+  that uses every centre), its head_params then holding only those rows (gather_center_rows).
+
+  Returns (loss, (per-dataset losses, metrics, margin states)).
   """
   batch_sizes = [head.batch_size for head in heads]
-  rows = zip(
-      train_input.split_by_dataset(embeddings, batch_sizes, mesh.size),
-      train_input.split_by_dataset(labels, batch_sizes, mesh.size),
-  )
+  rows = (None,) * len(heads) if rows is None else rows
   outputs = [
       classifier.margin_head_loss(
           params["centers"],
@@ -235,20 +235,52 @@ def fused_margin_loss(
           state,
           mesh=mesh,
           num_classes=head.num_classes,
-          sample_rate=sample_rate,
+          rows=rows_k,
           key=key,
           compute_dtype=compute_dtype,
       )
-      for head, params, state, (emb, dataset_labels), key in zip(
-          heads, head_params, margin_states, rows, keys
+      for head, params, state, emb, dataset_labels, rows_k, key in zip(
+          heads,
+          head_params,
+          margin_states,
+          batch_layout.split_by_dataset(embeddings, batch_sizes, mesh.size),
+          batch_layout.split_by_dataset(labels, batch_sizes, mesh.size),
+          rows,
+          keys,
       )
   ]
-  dataset_losses, metrics, new_states, sampled = zip(*outputs)
-  return _batch_mean(dataset_losses, batch_sizes), (dataset_losses, metrics, new_states, sampled)
+  dataset_losses, metrics, new_states = zip(*outputs)
+  return _batch_mean(dataset_losses, batch_sizes), (dataset_losses, metrics, new_states)
 
 
 def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def step_keys(state: TrainState):
+  """(next rng, dropout key, per-head Partial FC sampling keys, per-head margin keys)."""
+  rng, dropout_rng, head_rng = jax.random.split(state.rng, 3)
+  head_keys = [jax.random.split(k) for k in jax.random.split(head_rng, len(state.heads))]
+  return rng, dropout_rng, tuple(k[0] for k in head_keys), tuple(k[1] for k in head_keys)
+
+
+def head_rows(state: TrainState, labels: jax.Array, sample_keys) -> tuple:
+  """Each head's Partial FC rows for this global batch (None for a head that uses all)."""
+  batch_sizes = [head.batch_size for head in state.heads]
+  return tuple(
+      classifier.partial_fc_rows(
+          dataset_labels,
+          key,
+          mesh=state.mesh,
+          num_classes=head.num_classes,
+          sample_rate=state.sample_rate,
+      )
+      for head, dataset_labels, key in zip(
+          state.heads,
+          batch_layout.split_by_dataset(labels, batch_sizes, state.mesh.size),
+          sample_keys,
+      )
+  )
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array]):
@@ -257,13 +289,21 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]):
   With several training datasets (dataset fusion) the backbone sees the whole batch and
   `fused_margin_loss` routes each dataset's rows to its own head.
 
+  With Partial FC (sample_rate < 1) the step sees only the sampled rows of each head's centres
+  and of their optimiser state: it gathers them, differentiates and updates that block, and
+  writes it back, in place when the state is donated (as train.py does). Unsampled centres and
+  their optimiser state are untouched (the lazy rule, see adam_face.classifier).
+
   A step whose loss, gradient or updated parameters hold a NaN or an infinity changes nothing
   but the step count, the rng and `skipped_steps` (its batch is consumed, so the data position
   stays a function of the step): the state is never poisoned, and the training loop decides from
   metrics['finite'] whether to go on (config.nonfinite_policy).
   """
-  rng, dropout_rng, head_rng = jax.random.split(state.rng, 3)
-  heads = state.heads
+  rng, dropout_rng, sample_keys, margin_keys = step_keys(state)
+  heads, mesh = state.heads, state.mesh
+  rows = head_rows(state, batch["label"], sample_keys)
+  params = classifier.gather_center_rows(state.params, rows, mesh)
+  opt_state = classifier.gather_center_rows(state.opt_state, rows, mesh)
 
   def loss_fn(params):
     embeddings, new_model_state = state.apply_fn(
@@ -278,28 +318,23 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]):
         state.margin_states,
         embeddings,
         batch["label"],
-        jax.random.split(head_rng, len(heads)),
+        margin_keys,
         heads=heads,
-        mesh=state.mesh,
-        sample_rate=state.sample_rate,
+        mesh=mesh,
+        rows=rows,
         compute_dtype=state.compute_dtype,
     )
     return loss, (per_dataset, new_model_state["batch_stats"])
 
-  (loss, ((head_losses, head_metrics, margin_states, sampled), batch_stats)), grads = (
-      jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  )
-  new_state = state.apply_gradients(grads=grads)
-  if state.sample_rate < 1.0:
-    params, opt_state = classifier.keep_unsampled_rows(
-        (new_state.params, new_state.opt_state), (state.params, state.opt_state), sampled
-    )
-    new_state = new_state.replace(params=params, opt_state=opt_state)
-  new_state = new_state.replace(batch_stats=batch_stats, margin_states=margin_states)
+  (loss, ((head_losses, head_metrics, margin_states), batch_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True
+  )(params)
+  updates, new_opt_state = state.tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
   finite = (
       jnp.isfinite(loss)
       & _all_finite(grads)
-      & _all_finite((new_state.params, new_state.batch_stats, new_state.margin_states))
+      & _all_finite((new_params, batch_stats, margin_states))
   )
 
   def unless_finite_keep_old(new, old, *, counts_advance=False):
@@ -308,17 +343,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]):
       return new
     return jnp.where(finite, new, old)
 
-  new_state = new_state.replace(
-      params=jax.tree.map(unless_finite_keep_old, new_state.params, state.params),
-      opt_state=jax.tree.map(
-          functools.partial(unless_finite_keep_old, counts_advance=True),
-          new_state.opt_state,
-          state.opt_state,
-      ),
-      batch_stats=jax.tree.map(unless_finite_keep_old, new_state.batch_stats, state.batch_stats),
-      margin_states=jax.tree.map(
-          unless_finite_keep_old, new_state.margin_states, state.margin_states
-      ),
+  # The guard acts on the sampled block, before it is written back, so no [C, D] copy is made.
+  new_params = jax.tree.map(unless_finite_keep_old, new_params, params)
+  new_opt_state = jax.tree.map(
+      functools.partial(unless_finite_keep_old, counts_advance=True), new_opt_state, opt_state
+  )
+  new_state = state.replace(
+      step=state.step + 1,
+      params=classifier.scatter_center_rows(state.params, new_params, rows, mesh),
+      opt_state=classifier.scatter_center_rows(state.opt_state, new_opt_state, rows, mesh),
+      batch_stats=jax.tree.map(unless_finite_keep_old, batch_stats, state.batch_stats),
+      margin_states=jax.tree.map(unless_finite_keep_old, margin_states, state.margin_states),
       rng=rng,
       skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
   )

@@ -28,6 +28,8 @@ load average is printed: on a CPU shared with other work the rates are noisy.
   python -m benchmarks.bench_train_step --quick         # smoke test, ~1 min
   python -m benchmarks.bench_train_step --models=tiny,mobilefacenet,iresnet50
   python -m benchmarks.bench_train_step --dtype=bfloat16 --device=cuda --batch_size=256   # GPU
+  python -m benchmarks.bench_train_step --models=iresnet50 --dtype=bfloat16 --device=cuda \
+      --batch_size=128 --num_classes=2000000 --sample_rate=0.1   # GPU, WebFace42M-size Partial FC
 
 PyTorch comes from benchmarks/requirements.txt. This module imports neither tensorflow nor clu, so
 it runs where only jax, flax, optax, ml_collections and torch are installed.
@@ -86,6 +88,12 @@ def parse_args(argv=None):
   )
   parser.add_argument("--image_size", type=int, default=112)
   parser.add_argument("--num_classes", type=int, default=1000)
+  parser.add_argument(
+      "--sample_rate",
+      type=float,
+      default=1.0,
+      help="Partial FC rate of both heads (adam_face's head.sample_rate; partial_fc_v2's)",
+  )
   parser.add_argument(
       "--dtype",
       choices=("float32", "bfloat16"),
@@ -150,10 +158,17 @@ def parse_args(argv=None):
 
 
 def train_config(
-    model_name: str, *, batch_size: int, embedding_dim: int, image_size: int, dtype: str
+    model_name: str,
+    *,
+    batch_size: int,
+    embedding_dim: int,
+    image_size: int,
+    dtype: str,
+    sample_rate: float = 1.0,
 ) -> ml_collections.ConfigDict:
   """configs/default.py (SGD 0.9, wd 5e-4, clip 5, ArcFace s=64 m=0.5) with the given sizes."""
   config = default.get_config()
+  config.head.sample_rate = sample_rate
   config.model.name = model_name
   config.model.embedding_dim = embedding_dim
   config.dataset.image_size = image_size
@@ -379,17 +394,27 @@ def _torch_reference():
       return self.head(self.body(x))
 
   class ArcFaceHead(nn.Module):
-    """PartialFC-style normalised FC (sample rate 1) + CombinedMarginLoss arcface + CE."""
+    """partial_fc_v2-style normalised FC + CombinedMarginLoss arcface + CE (one rank)."""
 
-    def __init__(self, embedding_dim, num_classes):
+    def __init__(self, embedding_dim, num_classes, sample_rate):
       super().__init__()
       self.weight = nn.Parameter(0.01 * torch.randn(num_classes, embedding_dim))
+      self.num_sample = int(sample_rate * num_classes)
       self.cos_m, self.sin_m = math.cos(ARCFACE_M), math.sin(ARCFACE_M)
       self.theta = math.cos(math.pi - ARCFACE_M)
       self.sinmm = math.sin(math.pi - ARCFACE_M) * ARCFACE_M
 
     def forward(self, embeddings, labels):
-      logits = F.linear(F.normalize(embeddings), F.normalize(self.weight))
+      weight = self.weight
+      if self.num_sample < weight.shape[0]:  # PartialFC_V2.sample: positives + random negatives.
+        positive = torch.unique(labels, sorted=True)
+        index = positive
+        if self.num_sample >= positive.shape[0]:
+          perm = torch.rand(weight.shape[0], device=labels.device)
+          perm[positive] = 2.0
+          index = torch.topk(perm, k=self.num_sample)[1].sort()[0]
+        labels, weight = torch.searchsorted(index, labels), weight[index]
+      logits = F.linear(F.normalize(embeddings), F.normalize(weight))
       logits = logits.float().clamp(-1, 1)
       rows = torch.arange(labels.shape[0], device=labels.device)
       target = logits[rows, labels]
@@ -412,6 +437,7 @@ class TorchStep:
       *,
       embedding_dim: int,
       num_classes: int,
+      sample_rate: float,
       batch_size: int,
       image_size: int,
       dtype: str,
@@ -435,7 +461,7 @@ class TorchStep:
         torch, "channels_last" if memory_format == "channels_last" else "contiguous_format"
     )
     self.backbone = backbone.to(self.device, memory_format=self.memory_format)
-    self.head = ArcFaceHead(embedding_dim, num_classes).to(self.device)
+    self.head = ArcFaceHead(embedding_dim, num_classes, sample_rate).to(self.device)
     self.optimizer = torch.optim.SGD(
         [{"params": self.backbone.parameters()}, {"params": self.head.parameters()}],
         lr=0.1,
@@ -606,6 +632,7 @@ def fastest_torch_process(layout: dict, args, *, embedding_dim: int, batch_size:
           env={"OMP_WAIT_POLICY": "PASSIVE"} if policy == "passive" else {},
           embedding_dim=embedding_dim,
           num_classes=args.num_classes,
+          sample_rate=args.sample_rate,
           batch_size=batch_size,
           image_size=args.image_size,
           dtype=args.dtype,
@@ -645,6 +672,7 @@ def benchmark_model(name: str, args) -> dict:
       embedding_dim=embedding_dim,
       image_size=args.image_size,
       dtype=args.dtype,
+      sample_rate=args.sample_rate,
   )
   jax_step = AdamFaceStep(config, args.num_classes)
   row = {
@@ -699,7 +727,7 @@ def main(argv=None):
   print(
       f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device(s)), "
       f"torch {torch.__version__} ({args.device}), {os.cpu_count()} CPU threads, "
-      f"load average {load_before:.1f}; dtype={args.dtype}, classes={args.num_classes}, "
+      f"load average {load_before:.1f}; dtype={args.dtype}, classes={args.num_classes}, sample_rate={args.sample_rate}, "
       f"image={args.image_size}, ArcFace s={ARCFACE_S} m={ARCFACE_M}, SGD 0.9 wd 5e-4 clip 5; "
       f"median of {args.rounds} round(s) of {args.steps_per_round} step(s) after "
       f"{args.warmup_steps} warm-up",

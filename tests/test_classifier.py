@@ -61,29 +61,45 @@ def _reference(centers, emb, labels, num_classes, margin, key=None):
   return loss, metrics, state, grads
 
 
-def _sharded(mesh, centers, emb, labels, num_classes, margin, key=None, **kw):
+def _sharded(mesh, centers, emb, labels, num_classes, margin, key=None, sample_rate=1.0, **kw):
+  """The sharded head's loss, metrics, gradients (dense: through gather_rows), sampled mask and
+  margin state; Partial FC draws with `key`, and the margin gets split(key)[1] as train_step's."""
   centers = jax.device_put(centers, classifier.centers_sharding(mesh))
   emb = jax.device_put(emb, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  labels = jax.device_put(
+      labels, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  )
+  sample_key, margin_key = jax.random.split(jax.random.key(0) if key is None else key)
+  per_shard = centers.shape[0] // margin.centers_per_class // mesh.size
 
   @jax.jit
   def f(w, e):
+    rows = classifier.partial_fc_rows(
+        labels, sample_key, mesh=mesh, num_classes=num_classes, sample_rate=sample_rate
+    )
+
     def loss_fn(w, e):
-      loss, metrics, state, sampled = classifier.margin_head_loss(
-          w,
+      loss, metrics, state = classifier.margin_head_loss(
+          w if rows is None else classifier.gather_rows(w, rows, mesh),
           e,
-          jnp.asarray(labels),
+          labels,
           margin,
           margin.init_state(),
           mesh=mesh,
           num_classes=num_classes,
-          key=key,
+          rows=rows,
+          key=margin_key,
           **kw,
       )
-      return loss, (metrics, state, sampled)
+      return loss, (metrics, state)
 
-    return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(w, e)
+    sampled = jnp.ones(w.shape[0] // margin.centers_per_class, bool)
+    if rows is not None:  # Shard-local rows to global class ids.
+      shard = jnp.repeat(jnp.arange(mesh.size), rows.shape[0] // mesh.size)
+      sampled = jnp.zeros_like(sampled).at[shard * per_shard + rows].set(True)
+    return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(w, e), sampled
 
-  (loss, (metrics, state, sampled)), grads = f(centers, emb)
+  ((loss, (metrics, state)), grads), sampled = f(centers, emb)
   return loss, metrics, grads, np.asarray(sampled), state
 
 
@@ -171,30 +187,6 @@ def test_partial_fc_keeps_every_positive_and_the_configured_count(mesh8):
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
 
 
-def test_keep_unsampled_rows_makes_the_optimiser_update_lazy(mesh8):
-  """Each head (one per fused dataset) is restored with its own mask."""
-  params = {
-      "head": ({"centers": jnp.ones((8, 2))}, {"centers": jnp.ones((4, 2))}),
-      "w": jnp.ones((8, 2)),
-  }
-  tx = optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.5, momentum=0.9))
-  opt_state = tx.init(params)
-  sampled = (jnp.asarray([True, False] * 4), jnp.asarray([False, False, True, True]))
-  grads = jax.tree.map(jnp.ones_like, params)
-  updates, new_opt_state = tx.update(grads, opt_state, params)
-  new_params = optax.apply_updates(params, updates)
-  new_params, new_opt_state = classifier.keep_unsampled_rows(
-      (new_params, new_opt_state), (params, opt_state), sampled
-  )
-  for head, mask in enumerate(sampled):
-    mask = np.asarray(mask)
-    c = np.asarray(new_params["head"][head]["centers"])
-    assert np.all(c[~mask] == 1.0) and np.all(c[mask] != 1.0)
-    momentum = np.asarray(new_opt_state[1][0].trace["head"][head]["centers"])
-    assert np.all(momentum[~mask] == 0) and np.all(momentum[mask] != 0)
-  assert np.all(np.asarray(new_params["w"]) != 1.0), "non-head parameters are untouched"
-
-
 def test_per_device_memory_of_head_is_one_eighth(mesh8):
   """W and its momentum take ~C/N per device: compiled memory analysis at N = 1 vs N = 8."""
   num_classes, dim, batch = 8192, 64, 64
@@ -242,17 +234,53 @@ def test_bad_batch_and_missing_key_are_refused(mesh8):
         mesh=mesh8,
         num_classes=24,
     )
-  big = classifier.init_centers(jax.random.key(0), 800, D, mesh8)
-  with pytest.raises(ValueError, match="needs a key"):
+  rows = jnp.zeros(16, jnp.int32)
+  with pytest.raises(ValueError, match="Partial FC chose 16"):
     classifier.margin_head_loss(
-        big,
+        centers,  # All 24 rows where the 16 gathered ones belong.
         jnp.zeros((16, D)),
         jnp.zeros(16, jnp.int32),
         margins.ArcFace(),
         {},
         mesh=mesh8,
-        num_classes=800,
-        sample_rate=0.1,
+        num_classes=24,
+        rows=rows,
+    )
+  with pytest.raises(ValueError, match="does not support sub-centres"):
+    classifier.margin_head_loss(
+        centers,
+        jnp.zeros((16, D)),
+        jnp.zeros(16, jnp.int32),
+        margins.SubcenterArcFace(),
+        {},
+        mesh=mesh8,
+        num_classes=24,
+        rows=rows,
     )
   with pytest.raises(ValueError, match="sample_rate"):
     classifier.num_sampled_per_shard(24, 8, 16, 0.0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_partial_fc_step_allocates_nothing_the_size_of_the_centres(mesh8, dtype):
+  """The compiled train step (benchmarks/bench_partial_fc.py's, donated as train.py donates):
+  at sample rate 0.02 its temporaries (a few [sampled, D] blocks and [B, sampled] logits) stay far
+  below one device's share of W (no dense [C, D] gradient, update or bfloat16 copy), and W and
+  its momentum are updated in place (aliased); at rate 1 the dense gradient shows up, so the
+  check can tell them apart."""
+  del mesh8  # The step's mesh spans every device: the conftest's 8.
+  from benchmarks import bench_partial_fc
+
+  num_classes, dim = 65536, 64
+  shard_bytes = num_classes // 8 * dim * 4  # One device's W (and again its momentum).
+
+  def memory(rate):
+    step, init, batch = bench_partial_fc.head_only_step(
+        num_classes, rate, dtype, batch_size=64, dim=dim
+    )
+    return step.lower(jax.eval_shape(init, jax.random.key(0)), batch).compile().memory_analysis()
+
+  sampled, dense = memory(0.02), memory(1.0)
+  assert sampled.temp_size_in_bytes < 0.25 * shard_bytes, sampled.temp_size_in_bytes
+  assert sampled.alias_size_in_bytes >= 2 * shard_bytes, "W and momentum must be donated in place"
+  assert dense.temp_size_in_bytes >= shard_bytes, dense.temp_size_in_bytes

@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from adam_face import checkpointing, classifier, config_lib, margins, train, train_input, train_step
+from adam_face import batch_layout, checkpointing, classifier, config_lib, margins, train, train_input, train_step
 from configs import demo_fusion
 from tiny_config import TINY_DATA, tiny_demo_config
 
@@ -59,7 +60,7 @@ def test_fused_batches_split_back_into_each_datasets_own_stream(folder_tree, mes
   on_devices = jax.device_put(
       batch["label"], jax.sharding.NamedSharding(mesh8, jax.sharding.PartitionSpec("data"))
   )
-  split = jax.jit(lambda x: train_input.split_by_dataset(x, sizes, mesh8.size))
+  split = jax.jit(lambda x: batch_layout.split_by_dataset(x, sizes, mesh8.size))
   for part, stream in zip(split(on_devices), alone):
     np.testing.assert_array_equal(np.asarray(part), next(stream)["label"])
   # The split moves no data between devices.
@@ -259,6 +260,113 @@ def test_fused_step_with_partial_fc_and_running_statistics_per_head(mesh8):
     assert changed.sum() <= 8 * sampled
   assert classifier.num_sampled_per_shard(512, 8, 16, 0.25) == 16
   assert np.isfinite(metrics["loss"]) and "image_folder/acc_margin" in metrics
+
+
+class _DenseBackbone(nn.Module):
+  features: int
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    x = nn.Dense(self.features)(images.reshape((images.shape[0], -1)))
+    return nn.BatchNorm(use_running_average=not train)(x)
+
+
+def _dense_reference_step(state, batch):
+  """The Partial FC step as adam_face took it before the sampled-row update: the dense [C, D]
+  gradient (through the gather), the optimiser over every row, then each unsampled row and its
+  optimiser state put back as they were (by mask here, independently of scatter_center_rows)."""
+  rng, dropout_rng, sample_keys, margin_keys = train_step.step_keys(state)
+  rows = train_step.head_rows(state, batch["label"], sample_keys)
+
+  def loss_fn(params):
+    embeddings, new_model_state = state.apply_fn(
+        {"params": params["backbone"], "batch_stats": state.batch_stats},
+        batch["image"],
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": dropout_rng},
+    )
+    loss, (_, _, margin_states) = train_step.fused_margin_loss(
+        classifier.gather_center_rows(params["head"], rows, state.mesh),
+        state.margin_states,
+        embeddings,
+        batch["label"],
+        margin_keys,
+        heads=state.heads,
+        mesh=state.mesh,
+        rows=rows,
+        compute_dtype=state.compute_dtype,
+    )
+    return loss, (margin_states, new_model_state["batch_stats"])
+
+  (loss, (margin_states, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params
+  )
+  new_state = state.apply_gradients(
+      grads=grads, batch_stats=batch_stats, margin_states=margin_states, rng=rng
+  )
+  masks = []
+  for head, head_rows in zip(state.heads, rows):
+    per_shard = classifier.padded_num_classes(head.num_classes, 8) // 8
+    mask = jnp.ones(per_shard * 8, bool)
+    if head_rows is not None:
+      shard = jnp.repeat(jnp.arange(8), head_rows.shape[0] // 8)
+      mask = jnp.zeros_like(mask).at[shard * per_shard + head_rows].set(True)
+    masks.append(mask)
+
+  def keep_unsampled(path, new, old):
+    names = [getattr(k, "key", None) for k in path]
+    if "centers" not in names:
+      return new
+    mask = masks[path[names.index("centers") - 1].idx]
+    return jnp.where(mask[:, None], new, old)
+
+  params, opt_state = jax.tree_util.tree_map_with_path(
+      keep_unsampled, (new_state.params, new_state.opt_state), (state.params, state.opt_state)
+  )
+  return new_state.replace(params=params, opt_state=opt_state), loss
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_sampled_row_update_equals_the_dense_update(mesh8, optimizer):
+  """Three donated Partial FC steps of train_step (gradient and optimiser on the sampled rows
+  alone, written back in place) against the dense reference: the same losses and the same
+  parameters and optimiser state, every row of both heads, to 1e-6. The backbone is one Dense +
+  BatchNorm layer: the head is under test, and it compiles in seconds."""
+  config = tiny_demo_config(
+      **{
+          "loss": margins.loss_config("arcface", s=16.0, m=0.3),
+          "head.sample_rate": 0.25,
+          "global_batch_size": 32,
+          "optimizer.name": optimizer,
+          "optimizer.weight_decay": 5e-2,
+          "optimizer.learning_rate": 0.1,
+      }
+  )
+  config.extra_datasets = ({"name": "image_folder", "weight": 1.0},)
+  num_classes = (16, 509)  # Head 0 uses all its centres, head 1 samples 16 of 64 per shard.
+  state, shardings = train_step.create_train_state(
+      config, _DenseBackbone(config.model.embedding_dim), mesh8, num_classes, 10
+  )
+  reference = jax.device_get(state)
+  batch_sharding = jax.sharding.NamedSharding(mesh8, jax.sharding.PartitionSpec("data"))
+  step = jax.jit(train_step.train_step, in_shardings=(shardings, batch_sharding), donate_argnums=0)
+  reference_step = jax.jit(_dense_reference_step)
+  rng = np.random.default_rng(1)
+  for _ in range(3):
+    labels = np.stack([rng.integers(0, 16, (8, 2)), rng.integers(0, 509, (8, 2))], axis=1)
+    batch = {
+        "image": jax.device_put(
+            rng.normal(size=(32, 32, 32, 3)).astype(np.float32), batch_sharding
+        ),
+        "label": jax.device_put(labels.reshape(32).astype(np.int32), batch_sharding),
+    }
+    state, metrics = step(state, batch)
+    reference, reference_loss = reference_step(reference, batch)
+    np.testing.assert_allclose(metrics["loss"], reference_loss, rtol=1e-6)
+  got = jax.device_get((state.params, state.opt_state, state.batch_stats, state.margin_states))
+  want = (reference.params, reference.opt_state, reference.batch_stats, reference.margin_states)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), got, want)
 
 
 def test_synthetic_pairs_come_from_the_trained_synthetic_build(folder_tree):

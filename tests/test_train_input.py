@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from adam_face import batch_layout
 from adam_face import config_lib
 from adam_face import data_builders
 from adam_face import train_input
@@ -206,13 +207,13 @@ def test_fused_layout_splits_back_into_each_dataset():
   """fuse_datasets puts each device's share of every dataset side by side; split_by_dataset is
   its inverse, for numpy here (tests/test_fusion.py runs it on an 8-device mesh)."""
   parts = [np.arange(16 * 3).reshape(16, 3), 100 + np.arange(8 * 3).reshape(8, 3)]
-  fused = train_input.fuse_datasets(parts, num_devices=4)
+  fused = batch_layout.fuse_datasets(parts, num_devices=4)
   # Device 0 holds rows 0-3 of dataset 0, then rows 0-1 of dataset 1; device 1 the next ones.
   np.testing.assert_array_equal(fused[:6, 0], [0, 3, 6, 9, 100, 103])
   np.testing.assert_array_equal(fused[6:12, 0], [12, 15, 18, 21, 106, 109])
-  for part, split in zip(parts, train_input.split_by_dataset(fused, [16, 8], num_devices=4)):
+  for part, split in zip(parts, batch_layout.split_by_dataset(fused, [16, 8], num_devices=4)):
     np.testing.assert_array_equal(split, part)
-  assert train_input.split_by_dataset(parts[0], [16], num_devices=4)[0] is parts[0]
+  assert batch_layout.split_by_dataset(parts[0], [16], num_devices=4)[0] is parts[0]
 
 
 def test_lfw_dev_train_tree_through_image_folder(lfw_dev_dir, data_dir):

@@ -91,7 +91,7 @@ def test_fine_tuning_from_a_model_directory_keeps_its_orl_verification(
   )
   config = copy.deepcopy(orl_config)
   config.init_from = model_path
-  config.num_train_steps = 40
+  config.num_train_steps = 20
   config.optimizer.backbone_lr_scale = 0.1
   config.optimizer.freeze_backbone_steps = 10
 

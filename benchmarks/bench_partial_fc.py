@@ -1,0 +1,353 @@
+"""Partial FC at WebFace42M scale: step time and peak memory of the class-sharded head.
+
+One step is the head's part of `train_step.train_step`, run through that very function: Partial FC
+draws each shard's rows, the sampled centres and their momentum are gathered, the ArcFace loss
+(s=64, m=0.5) is differentiated with respect to the gathered block and the embeddings, SGD
+(momentum 0.9, weight decay 5e-4) updates the block, and it is written back into the donated
+state. The backbone is one Dense + BatchNorm layer on [B, D] random features, so nearly all the
+work and memory is the head's. B = 512, D = 512, float32 master weights; --dtypes=bfloat16 casts
+the normalised sampled centres and the embeddings to bfloat16 for the matmul (compute_dtype).
+
+Memory is the peak RSS of the step alone (the process's VmHWM, reset after the warm-up step with
+/proc/self/clear_refs, so the initialisation's peak does not count; the process's own ~1 GB does)
+on a CPU, and JAX's peak_bytes_in_use on an accelerator. It is compared with the floor, W +
+momentum (2 * C * D * 4 bytes), which any SGD-with-momentum training must hold.
+
+The PyTorch rows are an insightface partial_fc_v2-style head on one process (its sampling:
+positives plus torch.rand + topk negatives, `weight[index]`; the gradient of the parameter is then
+dense [C, D] and torch.optim.SGD moves every row), at the sizes where it fits.
+
+  python -m benchmarks.bench_partial_fc                                  # CPU, ~15 min on 2 cores
+  python -m benchmarks.bench_partial_fc --classes=200000 --rates=0.1     # quick
+  python -m benchmarks.bench_partial_fc --platform=gpu --classes=2000000,10000000 --device=cuda
+
+On a CPU it uses 8 host devices (as a pod slice of 8 would shard W); on an accelerator, every device.
+Each measurement runs in its own subprocess; one killed for memory is printed as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+B, D, S, M = 512, 512, 64.0, 0.5
+MOMENTUM, WEIGHT_DECAY, LR = 0.9, 5e-4, 0.1
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _peak_rss_bytes() -> int:
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
+def _reset_peak_rss() -> None:
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+
+
+def _median_seconds(step, steps: int) -> float:
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return sorted(times)[len(times) // 2]
+
+
+# ------------------------------------------------------------------------------ workers
+
+
+def head_only_step(num_classes: int, rate: float, dtype: str, *, batch_size: int = B, dim: int = D):
+  """train_step.train_step over a one-layer stand-in backbone and the class-sharded ArcFace head.
+
+  Returns (step, init, batch): `step` jitted as train.py jits it (state donated), init(key) the
+  state created in its sharded layout, `batch` [batch_size, dim] random features and labels on
+  the devices of a mesh over every device.
+  """
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import optax
+
+  from adam_face import classifier, margins, train_step
+
+  class Features(nn.Module):
+    """The stand-in backbone: features -> Dense -> BatchNorm (batch_stats as a real one has)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      return nn.BatchNorm(use_running_average=not train)(nn.Dense(dim)(x))
+
+  mesh = classifier.create_mesh()
+  model = Features()
+  optimizer = ml_collections.ConfigDict(
+      {
+          "name": "sgd",
+          "momentum": MOMENTUM,
+          "weight_decay": WEIGHT_DECAY,
+          "grad_clip_norm": 0.0,
+          "backbone_lr_scale": 1.0,
+          "freeze_backbone_steps": 0,
+      }
+  )
+  learning_rate_fn = optax.constant_schedule(LR)
+  tx = train_step.create_optimizer(
+      ml_collections.ConfigDict({"optimizer": optimizer}), learning_rate_fn
+  )
+  margin = margins.ArcFace(s=S, m=M)
+  head = train_step.Head("synthetic", num_classes, batch_size, margin)
+
+  def init(rng):
+    variables = model.init(rng, jnp.zeros((1, dim)))
+    params = {
+        "backbone": variables["params"],
+        "head": ({"centers": classifier.random_centers(rng, num_classes, dim, mesh.size)},),
+    }
+    return train_step.TrainState.create(
+        apply_fn=model.apply,
+        params=params,
+        tx=tx,
+        batch_stats=variables["batch_stats"],
+        margin_states=(margin.init_state(),),
+        rng=rng,
+        skipped_steps=jnp.zeros((), jnp.int32),
+        heads=(head,),
+        mesh=mesh,
+        sample_rate=rate,
+        compute_dtype=jnp.dtype(dtype),
+        learning_rate_fn=learning_rate_fn,
+    )
+
+  shardings = train_step.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
+  batch_sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(classifier.MESH_AXIS)
+  )
+  batch = {
+      "image": jax.device_put(
+          jax.random.normal(jax.random.key(1), (batch_size, dim)), batch_sharding
+      ),
+      "label": jax.device_put(
+          jax.random.randint(jax.random.key(2), (batch_size,), 0, num_classes), batch_sharding
+      ),
+  }
+  step = jax.jit(
+      train_step.train_step,
+      in_shardings=(shardings, batch_sharding),
+      out_shardings=(shardings, None),
+      donate_argnums=0,
+  )
+  return step, jax.jit(init, out_shardings=shardings), batch
+
+
+def worker_jax(num_classes: int, rate: float, dtype: str, steps: int, platform_name: str) -> dict:
+  if platform_name == "cpu":
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+  sys.path.insert(0, REPO)
+  import jax
+
+  from adam_face import classifier
+
+  step, init, batch = head_only_step(num_classes, rate, dtype)
+  state = init(jax.random.key(0))
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_seconds = time.perf_counter() - start
+  state, metrics = compiled(state, batch)  # Warm-up.
+  jax.block_until_ready(state)
+  if platform_name == "cpu":
+    _reset_peak_rss()
+
+  def one_step():
+    nonlocal state, metrics
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+
+  seconds = _median_seconds(one_step, steps)
+  if platform_name == "cpu":
+    peak = _peak_rss_bytes()
+  else:
+    peak = jax.devices()[0].memory_stats()["peak_bytes_in_use"]
+  return {
+      "seconds": seconds,
+      "peak_bytes": peak,
+      "compile_seconds": compile_seconds,
+      "loss": float(metrics["loss"]),
+      "devices": f"{len(jax.devices())} x {jax.devices()[0].device_kind}",
+      "num_sampled_per_shard": classifier.num_sampled_per_shard(
+          num_classes, len(jax.devices()), B, rate
+      ),
+  }
+
+
+def worker_torch(num_classes: int, rate: float, dtype: str, steps: int, device: str) -> dict:
+  import math
+
+  import torch
+  import torch.nn.functional as F
+
+  torch.manual_seed(0)
+  torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on both sides.
+  weight = torch.nn.Parameter(0.01 * torch.randn(num_classes, D, device=device))
+  optimizer = torch.optim.SGD([weight], lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+  features = torch.randn(B, D, device=device, requires_grad=True)
+  labels = torch.randint(0, num_classes, (B,), device=device)
+  num_sample = int(rate * num_classes)  # partial_fc_v2's num_sample (one rank: num_local = C).
+  cos_m, sin_m = math.cos(M), math.sin(M)
+  theta, sinmm = math.cos(math.pi - M), math.sin(math.pi - M) * M
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    features.grad = None
+    if num_sample < num_classes:  # partial_fc_v2.PartialFC_V2.sample
+      positive = torch.unique(labels, sorted=True)
+      if num_sample >= positive.shape[0]:
+        perm = torch.rand(num_classes, device=device)
+        perm[positive] = 2.0
+        index = torch.topk(perm, k=num_sample)[1].sort()[0]
+      else:
+        index = positive
+      local_labels = torch.searchsorted(index, labels)
+      centers = weight[index]
+    else:
+      local_labels, centers = labels, weight
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+      logits = F.linear(F.normalize(features), F.normalize(centers))
+    logits = logits.float().clamp(-1, 1)
+    rows = torch.arange(B, device=device)
+    target = logits[rows, local_labels]
+    sin_theta = torch.sqrt(1.0 - target * target)
+    final = torch.where(target > theta, target * cos_m - sin_theta * sin_m, target - sinmm)
+    logits = logits.index_put((rows, local_labels), final) * S
+    F.cross_entropy(logits, local_labels).backward()
+    optimizer.step()
+    sync()
+
+  step()  # Warm-up: allocates the momentum buffer.
+  if device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+  else:
+    _reset_peak_rss()
+  seconds = _median_seconds(step, steps)
+  peak = torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss_bytes()
+  return {"seconds": seconds, "peak_bytes": peak}
+
+
+# ------------------------------------------------------------------------------ driver
+
+
+def _run_worker(args: list[str]) -> dict:
+  proc = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), "--worker", *args],
+      capture_output=True,
+      text=True,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+  )
+  if proc.returncode in (-9, 137):
+    return {"error": "killed (out of memory)"}
+  if proc.returncode:
+    tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+    return {"error": f"failed: {tail[0][:120]}"}
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor() or "unknown CPU"
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--classes", default="200000,1000000,2000000,4000000")
+  parser.add_argument("--rates", default="0.1,1.0")
+  parser.add_argument("--dtypes", default="float32")
+  parser.add_argument("--steps", type=int, default=3, help="timed steps (the median is shown)")
+  parser.add_argument("--platform", default="cpu", choices=("cpu", "gpu", "tpu"))
+  parser.add_argument("--device", default="cpu", help="PyTorch device: cpu or cuda")
+  parser.add_argument(
+      "--torch_max_classes",
+      type=int,
+      default=2_000_000,
+      help="largest C of the PyTorch rows (it holds W, a dense gradient and momentum)",
+  )
+  parser.add_argument(
+      "--jax_max_full_classes",
+      type=int,
+      default=1_000_000,
+      help="largest C run at sample rate 1 (whose [B, C] logits and dense gradient grow with C)",
+  )
+  parser.add_argument("--out", default="/tmp/bench_partial_fc.json")
+  parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker:
+    impl, num_classes, rate, dtype, where = args.worker
+    run = worker_jax if impl == "jax" else worker_torch
+    print(json.dumps(run(int(num_classes), float(rate), dtype, args.steps, where)))
+    return
+
+  torch_available = importlib.util.find_spec("torch") is not None
+  print(
+      f"Partial FC step: B={B}, D={D}, ArcFace s={S} m={M}, SGD momentum {MOMENTUM} wd "
+      f"{WEIGHT_DECAY}, state donated; {os.cpu_count()} CPU threads, {_cpu_model()}; "
+      f"adam_face on {args.platform}, PyTorch on {args.device}"
+  )
+  header = (
+      f"{'C':>9} {'rate':>5} {'dtype':>9} {'impl':>9} | {'step s':>8} {'peak GB':>8} "
+      f"{'floor GB':>8} {'peak/floor':>10} | note"
+  )
+  print(header)
+  print("-" * len(header))
+  rows = []
+  for num_classes in (int(c) for c in args.classes.split(",")):
+    floor = 2 * num_classes * D * 4  # W + momentum, float32.
+    for rate in (float(r) for r in args.rates.split(",")):
+      for dtype in args.dtypes.split(","):
+        impls = []
+        if rate < 1.0 or num_classes <= args.jax_max_full_classes:
+          impls.append(("adam_face", ["jax", str(num_classes), str(rate), dtype, args.platform]))
+        if torch_available and num_classes <= args.torch_max_classes:
+          impls.append(("pytorch", ["torch", str(num_classes), str(rate), dtype, args.device]))
+        for name, worker_args in impls:
+          result = _run_worker(worker_args)
+          rows.append(
+              {
+                  "num_classes": num_classes,
+                  "rate": rate,
+                  "dtype": dtype,
+                  "impl": name,
+                  "floor_bytes": floor,
+                  **result,
+              }
+          )
+          if "error" in result:
+            print(f"{num_classes:>9} {rate:>5} {dtype:>9} {name:>9} | {result['error']}")
+            continue
+          print(
+              f"{num_classes:>9} {rate:>5} {dtype:>9} {name:>9} | {result['seconds']:>8.3f} "
+              f"{result['peak_bytes'] / 1e9:>8.2f} {floor / 1e9:>8.2f} "
+              f"{result['peak_bytes'] / floor:>9.2f}x | "
+              + (
+                  f"compile {result['compile_seconds']:.0f} s"
+                  if "compile_seconds" in result
+                  else ""
+              )
+          )
+        sys.stdout.flush()
+  with open(args.out, "w") as f:
+    json.dump({"batch": B, "dim": D, "cpu": _cpu_model(), "rows": rows}, f, indent=2)
+  print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
