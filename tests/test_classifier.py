@@ -222,41 +222,26 @@ def test_per_device_memory_of_head_is_one_eighth(mesh8):
   assert eight.temp_size_in_bytes < one.temp_size_in_bytes / 4
 
 
-def test_bad_batch_and_missing_key_are_refused(mesh8):
+def test_bad_batch_and_mismatched_rows_are_refused(mesh8):
   centers = classifier.init_centers(jax.random.key(0), 24, D, mesh8)
-  with pytest.raises(ValueError, match="not divisible by the 8 devices"):
-    classifier.margin_head_loss(
-        centers,
-        jnp.zeros((12, D)),
-        jnp.zeros(12, jnp.int32),
-        margins.ArcFace(),
-        {},
-        mesh=mesh8,
-        num_classes=24,
-    )
   rows = jnp.zeros(16, jnp.int32)
-  with pytest.raises(ValueError, match="Partial FC chose 16"):
-    classifier.margin_head_loss(
-        centers,  # All 24 rows where the 16 gathered ones belong.
-        jnp.zeros((16, D)),
-        jnp.zeros(16, jnp.int32),
-        margins.ArcFace(),
-        {},
-        mesh=mesh8,
-        num_classes=24,
-        rows=rows,
-    )
-  with pytest.raises(ValueError, match="does not support sub-centres"):
-    classifier.margin_head_loss(
-        centers,
-        jnp.zeros((16, D)),
-        jnp.zeros(16, jnp.int32),
-        margins.SubcenterArcFace(),
-        {},
-        mesh=mesh8,
-        num_classes=24,
-        rows=rows,
-    )
+  cases = [  # (batch, margin, rows, the message)
+      (12, margins.ArcFace(), None, "not divisible by the 8 devices"),
+      (16, margins.ArcFace(), rows, "Partial FC chose 16"),  # All 24 rows, not the 16 gathered.
+      (16, margins.SubcenterArcFace(), rows, "does not support sub-centres"),
+  ]
+  for batch, margin, head_rows, message in cases:
+    with pytest.raises(ValueError, match=message):
+      classifier.margin_head_loss(
+          centers,
+          jnp.zeros((batch, D)),
+          jnp.zeros(batch, jnp.int32),
+          margin,
+          {},
+          mesh=mesh8,
+          num_classes=24,
+          rows=head_rows,
+      )
   with pytest.raises(ValueError, match="sample_rate"):
     classifier.num_sampled_per_shard(24, 8, 16, 0.0)
 
