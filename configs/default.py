@@ -67,7 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- classifier head (adam_face/classifier.py), sharded by class over all devices
   config.head = ml_collections.ConfigDict()
-  config.head.sample_rate = 1.0  # Partial FC: fraction of centres used per step, in (0, 1].
+  # Partial FC: fraction of centres used per step, in (0, 1]; only those rows of W and of their
+  # optimiser state are read and updated in a step (benchmarks/README.md, "Partial FC").
+  config.head.sample_rate = 1.0
 
   # ---- optimisation
   config.global_batch_size = 512  # Summed over all devices and hosts.

@@ -31,7 +31,7 @@ from fixtures_data import python2_pair_bin
 from fixtures_data import write_recordio
 from tiny_config import TINY_DATA, tiny_demo_config
 
-pytestmark = [pytest.mark.faults]
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 
 # ---- data
