@@ -41,9 +41,13 @@ MOMENTUM, WEIGHT_DECAY, LR = 0.9, 5e-4, 0.1
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _peak_rss_bytes() -> int:
+def _status_bytes(field: str) -> int:
   with open("/proc/self/status") as f:
-    return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def _peak_rss_bytes() -> int:
+  return _status_bytes("VmHWM")
 
 
 def _reset_peak_rss() -> None:
@@ -162,6 +166,9 @@ def worker_jax(num_classes: int, rate: float, dtype: str, steps: int, platform_n
   compile_seconds = time.perf_counter() - start
   state, metrics = compiled(state, batch)  # Warm-up.
   jax.block_until_ready(state)
+  # What the process holds between steps (the state, the executable, the runtime): the peak
+  # minus this is what the step itself adds.
+  steady = _status_bytes("VmRSS") if platform_name == "cpu" else None
   if platform_name == "cpu":
     _reset_peak_rss()
 
@@ -178,6 +185,7 @@ def worker_jax(num_classes: int, rate: float, dtype: str, steps: int, platform_n
   return {
       "seconds": seconds,
       "peak_bytes": peak,
+      "steady_bytes": steady,
       "compile_seconds": compile_seconds,
       "loss": float(metrics["loss"]),
       "devices": f"{len(jax.devices())} x {jax.devices()[0].device_kind}",
@@ -232,13 +240,15 @@ def worker_torch(num_classes: int, rate: float, dtype: str, steps: int, device: 
     sync()
 
   step()  # Warm-up: allocates the momentum buffer.
+  steady = None
   if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
   else:
+    steady = _status_bytes("VmRSS")
     _reset_peak_rss()
   seconds = _median_seconds(step, steps)
   peak = torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss_bytes()
-  return {"seconds": seconds, "peak_bytes": peak}
+  return {"seconds": seconds, "peak_bytes": peak, "steady_bytes": steady}
 
 
 # ------------------------------------------------------------------------------ driver
@@ -337,6 +347,11 @@ def main():
               f"{num_classes:>9} {rate:>5} {dtype:>9} {name:>9} | {result['seconds']:>8.3f} "
               f"{result['peak_bytes'] / 1e9:>8.2f} {floor / 1e9:>8.2f} "
               f"{result['peak_bytes'] / floor:>9.2f}x | "
+              + (
+                  f"between steps {result['steady_bytes'] / 1e9:.2f} GB; "
+                  if result["steady_bytes"]
+                  else ""
+              )
               + (
                   f"compile {result['compile_seconds']:.0f} s"
                   if "compile_seconds" in result
