@@ -3,6 +3,9 @@ exactly as PIL decodes, the fused-batch layout, and identity-folder trees (a tin
 
 import hashlib
 import io
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -214,6 +217,26 @@ def test_fused_layout_splits_back_into_each_dataset():
   for part, split in zip(parts, batch_layout.split_by_dataset(fused, [16, 8], num_devices=4)):
     np.testing.assert_array_equal(split, part)
   assert batch_layout.split_by_dataset(parts[0], [16], num_devices=4)[0] is parts[0]
+
+
+def test_the_training_step_imports_without_tensorflow():
+  """The step and its benchmarks run where TensorFlow is not installed (the GPU machines the
+  benchmarks are measured on): train_step reads the batch layout from batch_layout, not from
+  train_input, and config_lib imports the verification sets only where it reads them."""
+  blocker = (
+      "import sys\n"
+      "class Block:\n"
+      "  def find_spec(self, name, path=None, target=None):\n"
+      "    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'clu'):\n"
+      "      raise ImportError('blocked: ' + name)\n"
+      "sys.meta_path.insert(0, Block())\n"
+      "import adam_face.train_step, benchmarks.bench_partial_fc, benchmarks.bench_train_step\n"
+  )
+  root = pathlib.Path(__file__).resolve().parents[1]
+  result = subprocess.run(
+      [sys.executable, "-c", blocker], cwd=root, capture_output=True, text=True, timeout=120
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_lfw_dev_train_tree_through_image_folder(lfw_dev_dir, data_dir):
