@@ -14,12 +14,8 @@ import numpy as np
 
 
 def fuse_datasets(parts: Sequence[np.ndarray], num_devices: int) -> np.ndarray:
-  """One fused batch from each dataset's rows `parts` (each divisible by num_devices).
-
-  A batch is split over the devices by rows; the fused batch holds device d's share of dataset 0,
-  then its share of dataset 1, ..., so every dataset is sharded evenly over the devices and
-  split_by_dataset recovers each dataset's rows without moving data between devices.
-  """
+  """One fused batch (the module's layout) from each dataset's rows `parts`, each divisible by
+  num_devices; split_by_dataset recovers them without moving data between devices."""
   blocks = [part.reshape((num_devices, -1) + part.shape[1:]) for part in parts]
   return np.concatenate(blocks, axis=1).reshape((-1,) + parts[0].shape[1:])
 
@@ -27,10 +23,10 @@ def fuse_datasets(parts: Sequence[np.ndarray], num_devices: int) -> np.ndarray:
 def split_by_dataset(x, batch_sizes: Sequence[int], num_devices: int) -> list:
   """Each dataset's rows of a fused global batch (fuse_datasets' inverse), for jax or numpy x.
 
-  Every device holds its share of dataset 0, then of dataset 1, ...; so the split is a reshape
-  to [devices, rows per device] and a slice of the per-device axis, local to each device. The
-  host fuses its processes' share over its local devices; in the global array (rows ordered by
-  process, then by local device) that is the same layout over all the mesh's devices.
+  The split is a reshape to [devices, rows per device] and a slice of the per-device axis, local
+  to each device. The host fuses its processes' share over its local devices; in the global
+  array (rows ordered by process, then by local device) that is the same layout over all the
+  mesh's devices.
   """
   if len(batch_sizes) == 1:
     return [x]

@@ -241,8 +241,8 @@ def margin_head_loss(
     margin: an adam_face.margins.Margin; margin_state its state before this batch.
     rows: Partial FC's rows for this batch (partial_fc_rows), which must hold its labels.
     key: PRNG key for margins that draw (ElasticFace).
-    compute_dtype: dtype of the cosine matmul (accumulation is always float32; the centres are
-      normalised in float32, master weights, before the cast).
+    compute_dtype: dtype of the cosine matmul (accumulation is always float32; the float32 master
+      centres are cast as they are, and their inverse norms scale the matmul's float32 result).
 
   Returns:
     (loss, metrics, new_margin_state): metrics hold 'acc', 'acc_margin', the margin's own

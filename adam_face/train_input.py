@@ -246,8 +246,8 @@ def create_fused_train_iterator(
 ) -> Iterator[dict[str, np.ndarray]]:
   """Batches holding batch_sizes[k] images of dataset_configs[k] each (dataset fusion).
 
-  Rows are laid out by batch_layout.fuse_datasets over this process's devices, so batch_layout.split_by_dataset recovers
-  each dataset's rows on the devices. Labels stay each dataset's own class ids. Each dataset is
+  Rows are laid out by batch_layout.fuse_datasets over this process's devices, so
+  batch_layout.split_by_dataset recovers each dataset's rows on the devices. Labels stay each dataset's own class ids. Each dataset is
   its own deterministic stream (seeded by dataset_seed), so a run resumed at start_step sees
   exactly the batches it would have seen.
   """

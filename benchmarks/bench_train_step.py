@@ -727,7 +727,8 @@ def main(argv=None):
   print(
       f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device(s)), "
       f"torch {torch.__version__} ({args.device}), {os.cpu_count()} CPU threads, "
-      f"load average {load_before:.1f}; dtype={args.dtype}, classes={args.num_classes}, sample_rate={args.sample_rate}, "
+      f"load average {load_before:.1f}; dtype={args.dtype}, classes={args.num_classes}, "
+      f"sample_rate={args.sample_rate}, "
       f"image={args.image_size}, ArcFace s={ARCFACE_S} m={ARCFACE_M}, SGD 0.9 wd 5e-4 clip 5; "
       f"median of {args.rounds} round(s) of {args.steps_per_round} step(s) after "
       f"{args.warmup_steps} warm-up",

@@ -12,7 +12,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from adam_face import batch_layout, checkpointing, classifier, config_lib, margins, train, train_input, train_step
+from adam_face import batch_layout, checkpointing, classifier, config_lib, margins, train
+from adam_face import train_input, train_step
 from configs import demo_fusion
 from tiny_config import TINY_DATA, tiny_demo_config
 
