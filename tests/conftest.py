@@ -12,17 +12,19 @@ import pathlib
 import shutil
 import tempfile
 
+from host_devices import force_host_devices
+
 # TFDS reads TFDS_DATA_DIR once, when it is first imported (by test modules, before any fixture).
 os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="adam_face_tfds_")
 atexit.register(shutil.rmtree, os.environ["TFDS_DATA_DIR"], ignore_errors=True)
 # The tests' programs are tiny and each compiles once: XLA:CPU's expensive LLVM passes cost more
 # compile time (a third of a tiny training run) than they save in run time. Subprocess workers
-# inherit these flags and replace only the device count.
+# inherit these flags and replace only the device count (host_devices.force_host_devices).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8"
     + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 ).strip()
+force_host_devices(8)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One compilation cache for the session, shared with the training subprocesses (they inherit the
 # environment): the end-to-end and fault tests train the same tiny program many times, and a
@@ -31,7 +33,6 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="adam_face_jax
 atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-os.environ["JAX_PLATFORMS"] = "cpu"
 
 import pytest  # noqa: E402
 

@@ -16,13 +16,10 @@ import os
 import signal
 import sys
 
+from host_devices import force_host_devices  # This script's folder, tests/, is on sys.path.
+
 workdir, spec = sys.argv[1], json.loads(sys.argv[2])
-# The session's other XLA flags (tests/conftest.py) stay; only the device count is this run's.
-os.environ["XLA_FLAGS"] = " ".join(
-    [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    + [f"--xla_force_host_platform_device_count={spec['devices']}"]
-)
-os.environ["JAX_PLATFORMS"] = "cpu"
+force_host_devices(spec["devices"])
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO_ROOT, os.path.join(REPO_ROOT, "tests")]
 

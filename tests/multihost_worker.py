@@ -9,14 +9,11 @@ import json
 import os
 import sys
 
+from host_devices import force_host_devices  # This script's folder, tests/, is on sys.path.
+
 process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 num_train_steps = int(sys.argv[4]) if len(sys.argv) > 4 else 6
-# The session's other XLA flags (tests/conftest.py) stay; only the device count is this run's.
-os.environ["XLA_FLAGS"] = " ".join(
-    [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    + ["--xla_force_host_platform_device_count=4"]
-)
-os.environ["JAX_PLATFORMS"] = "cpu"
+force_host_devices(4)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO_ROOT, os.path.join(REPO_ROOT, "tests")]
 

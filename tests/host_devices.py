@@ -1,0 +1,11 @@
+"""Host-CPU devices for the test session and its worker processes, set before jax is imported."""
+
+import os
+
+
+def force_host_devices(count: int) -> None:
+  """`count` host-CPU devices on the CPU platform; any other XLA flags already set (those of
+  tests/conftest.py, inherited by worker processes) stay."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={count}"])
+  os.environ["JAX_PLATFORMS"] = "cpu"
