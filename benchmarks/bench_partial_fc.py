@@ -6,12 +6,15 @@ draws each shard's rows, the sampled centres and their momentum are gathered, th
 (momentum 0.9, weight decay 5e-4) updates the block, and it is written back into the donated
 state. The backbone is one Dense + BatchNorm layer on [B, D] random features, so nearly all the
 work and memory is the head's. B = 512, D = 512, float32 master weights; --dtypes=bfloat16 casts
-the normalised sampled centres and the embeddings to bfloat16 for the matmul (compute_dtype).
+the sampled centres and the embeddings to bfloat16 for the matmul (compute_dtype).
 
-Memory is the peak RSS of the step alone (the process's VmHWM, reset after the warm-up step with
-/proc/self/clear_refs, so the initialisation's peak does not count; the process's own ~1 GB does)
-on a CPU, and JAX's peak_bytes_in_use on an accelerator. It is compared with the floor, W +
-momentum (2 * C * D * 4 bytes), which any SGD-with-momentum training must hold.
+Memory is the peak RSS of the timed steps (the process's VmHWM, reset after the warm-up step with
+/proc/self/clear_refs, so the initialisation's peak does not count; what the process holds
+between steps does) on a CPU, and JAX's peak_bytes_in_use on an accelerator. It is compared with
+the floor, W + momentum (2 * C * D * 4 bytes), which any SGD-with-momentum training must hold.
+On a CPU the note column splits the peak: the RSS between steps, the bytes of JAX's live arrays
+then, the RSS once malloc_trim has handed back what the C allocator kept, and the compiled step's
+temporaries per device.
 
 The PyTorch rows are an insightface partial_fc_v2-style head on one process (its sampling:
 positives plus torch.rand + topk negatives, `weight[index]`; the gradient of the parameter is then
@@ -21,17 +24,17 @@ dense [C, D] and torch.optim.SGD moves every row), at the sizes where it fits.
   python -m benchmarks.bench_partial_fc --classes=200000 --rates=0.1     # quick
   python -m benchmarks.bench_partial_fc --platform=gpu --classes=2000000,10000000 --device=cuda
 
-On a CPU it uses 8 host devices (as a pod slice of 8 would shard W); on an accelerator, every device.
-Each measurement runs in its own subprocess; one killed for memory is printed as such.
+On a CPU it uses 8 host devices (as a pod slice of 8 would shard W); on an accelerator, every
+device. Each measurement runs in its own subprocess; one killed for memory is printed as such.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -178,14 +181,22 @@ def worker_jax(num_classes: int, rate: float, dtype: str, steps: int, platform_n
     jax.block_until_ready(state)
 
   seconds = _median_seconds(one_step, steps)
+  live = sum(x.nbytes for x in jax.live_arrays())  # The state, the batch, the last metrics.
+  trimmed = None
   if platform_name == "cpu":
     peak = _peak_rss_bytes()
+    # What the C allocator still holds after XLA freed it: malloc_trim hands it back.
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trimmed = _status_bytes("VmRSS")
   else:
     peak = jax.devices()[0].memory_stats()["peak_bytes_in_use"]
   return {
       "seconds": seconds,
       "peak_bytes": peak,
       "steady_bytes": steady,
+      "live_bytes": live,
+      "trimmed_bytes": trimmed,
+      "temp_bytes_per_device": compiled.memory_analysis().temp_size_in_bytes,
       "compile_seconds": compile_seconds,
       "loss": float(metrics["loss"]),
       "devices": f"{len(jax.devices())} x {jax.devices()[0].device_kind}",
@@ -269,14 +280,6 @@ def _run_worker(args: list[str]) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.processor() or "unknown CPU"
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--classes", default="200000,1000000,2000000,4000000")
@@ -305,11 +308,13 @@ def main():
     run = worker_jax if impl == "jax" else worker_torch
     print(json.dumps(run(int(num_classes), float(rate), dtype, args.steps, where)))
     return
+  # Here, not at the top: the workers run this file as a script, without the package on the path.
+  from benchmarks import machine  # pylint: disable=g-import-not-at-top
 
   torch_available = importlib.util.find_spec("torch") is not None
   print(
       f"Partial FC step: B={B}, D={D}, ArcFace s={S} m={M}, SGD momentum {MOMENTUM} wd "
-      f"{WEIGHT_DECAY}, state donated; {os.cpu_count()} CPU threads, {_cpu_model()}; "
+      f"{WEIGHT_DECAY}, state donated; {os.cpu_count()} CPU threads, {machine.cpu_model()}; "
       f"adam_face on {args.platform}, PyTorch on {args.device}"
   )
   header = (
@@ -348,8 +353,15 @@ def main():
               f"{result['peak_bytes'] / 1e9:>8.2f} {floor / 1e9:>8.2f} "
               f"{result['peak_bytes'] / floor:>9.2f}x | "
               + (
-                  f"between steps {result['steady_bytes'] / 1e9:.2f} GB; "
-                  if result["steady_bytes"]
+                  f"between steps {result['steady_bytes'] / 1e9:.2f} GB (live arrays "
+                  f"{result['live_bytes'] / 1e9:.2f}, after malloc_trim "
+                  f"{result['trimmed_bytes'] / 1e9:.2f}); "
+                  if result.get("steady_bytes")
+                  else ""
+              )
+              + (
+                  f"step temporaries {result['temp_bytes_per_device'] / 1e6:.0f} MB/device; "
+                  if "temp_bytes_per_device" in result
                   else ""
               )
               + (
@@ -360,7 +372,7 @@ def main():
           )
         sys.stdout.flush()
   with open(args.out, "w") as f:
-    json.dump({"batch": B, "dim": D, "cpu": _cpu_model(), "rows": rows}, f, indent=2)
+    json.dump({"batch": B, "dim": D, "cpu": machine.cpu_model(), "rows": rows}, f, indent=2)
   print(f"\nwrote {args.out}")
 
 

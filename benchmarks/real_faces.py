@@ -20,13 +20,13 @@ persistent compilation cache, so the seeds of one row compile once.
 import argparse
 import json
 import os
-import platform
 import shutil
-import subprocess
 import time
 
 import jax
 import numpy as np
+
+from benchmarks import machine as machine_lib
 
 # Presets: fields of configs/lfw_dev.py's config to override. "cpu" is the config as it is (the
 # budget benchmarks/README.md's table was measured with); "gpu" scales the same comparison to an
@@ -134,15 +134,7 @@ def summarise(runs, rows):
 
 
 def machine():
-  try:
-    cpu = next(
-        line.split(":", 1)[1].strip()
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-        if line.startswith("Model name")
-    )
-  except (OSError, StopIteration):
-    cpu = platform.processor()
-  return f"{cpu}, {os.cpu_count()} cores, JAX {jax.__version__} on {jax.devices()[0].platform}"
+  return f"{machine_lib.cpu_model()}, {os.cpu_count()} cores, JAX {jax.__version__} on {jax.devices()[0].platform}"
 
 
 def main():
