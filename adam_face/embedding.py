@@ -28,7 +28,8 @@ def compute_embeddings(
     batch_size: int,
     mesh: jax.sharding.Mesh,
     flip: str = "sum",
-) -> np.ndarray:
+    return_norms: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
   """L2-normalised embeddings of uint8 images, in jitted batches sharded over every mesh device.
 
   Args:
@@ -44,9 +45,12 @@ def compute_embeddings(
     flip: 'none' (the image only), 'sum' (embedding of the image plus that of its horizontal
       flip, the standard flip test) or 'concat' (the two embeddings concatenated, [N, 2D]).
       The combined embedding is L2-normalised.
+    return_norms: also return each combined embedding's norm before the normalisation (IJB's
+      template pooling weighs faces by it, as insightface does).
 
   Returns:
-    float32 [N, D] (or [N, 2D] for 'concat'), rows of unit norm.
+    float32 [N, D] (or [N, 2D] for 'concat'), rows of unit norm; with return_norms, also float32
+    [N], their norms.
   """
   if flip not in FLIP_MODES:
     raise ValueError(f"flip={flip!r} is not one of {FLIP_MODES}.")
@@ -97,7 +101,7 @@ def compute_embeddings(
         f"at image {bad[0]}, norm {norms[bad[0]]}); their cosine scores would be "
         "undefined. Check the model variables and the input images."
     )
-  return embeddings
+  return (embeddings, norms) if return_norms else embeddings
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,20 +19,65 @@ def flatten_metrics(metrics: Mapping[str, Mapping]) -> dict[str, float]:
 
 
 def format_table(metrics: Mapping[str, Mapping]) -> str:
-  """One row per set, 'acc / TAR@FAR...' in percent with two decimals, as papers report them.
+  """One row per set, in percent with two decimals, as papers report them.
 
-  A header line precedes each run of rows sharing the same FARs (HETD has its own).
+  Pair sets: 'acc / TAR@FAR=...'; sets without an accuracy (IJB 1:1): 'TAR@FAR=...'; 1:N
+  identification: 'rank-k / ... / TPIR@FPIR=...'. A header line precedes each run of rows sharing
+  the same columns.
   """
   width = max(len(name) for name in metrics)
-  lines, previous_fars = [], None
+  lines, previous_header = [], None
   for name, set_metrics in metrics.items():
-    fars = [key.removeprefix("tar@far=") for key in set_metrics if key.startswith("tar@far=")]
-    if fars != previous_fars:
-      lines.append(f"{'set':<{width}}  acc / TAR@FAR=" + " / ".join(fars))
-      previous_fars = fars
-    values = [set_metrics["accuracy"]] + [set_metrics[f"tar@far={far}"] for far in fars]
-    lines.append(f"{name:<{width}}  " + " / ".join(f"{100 * v:.2f}" for v in values))
+    header, keys = _columns(set_metrics)
+    if header != previous_header:
+      lines.append(f"{'set':<{width}}  {header}")
+      previous_header = header
+    lines.append(f"{name:<{width}}  " + " / ".join(f"{100 * set_metrics[k]:.2f}" for k in keys))
   return "\n".join(lines)
+
+
+def _columns(set_metrics: Mapping) -> tuple[str, list[str]]:
+  """(header, metric keys) of a set's row in format_table."""
+  parts, keys = [], []
+  if "accuracy" in set_metrics:
+    parts.append("acc")
+    keys.append("accuracy")
+  ranks = [key for key in set_metrics if key.startswith("rank-")]
+  parts += ranks
+  keys += ranks
+  for prefix, title in (("tar@far=", "TAR@FAR="), ("tpir@fpir=", "TPIR@FPIR=")):
+    rates = [key.removeprefix(prefix) for key in set_metrics if key.startswith(prefix)]
+    if rates:
+      parts.append(title + " / ".join(rates))
+      keys += [prefix + rate for rate in rates]
+  return " / ".join(parts), keys
+
+
+# Points of a ROC curve worth drawing: more are invisible at the figure's resolution.
+_ROC_PLOT_POINTS = 4000
+
+
+def thinned_roc(far: np.ndarray, tar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The ROC (FAR ascending) cut to at most about _ROC_PLOT_POINTS points for plotting, evenly
+  spaced in log FAR and in TAR, keeping both ends: IJB-C's 15.7 million pairs draw the same."""
+  far, tar = np.asarray(far), np.asarray(tar)
+  if len(far) <= _ROC_PLOT_POINTS:
+    return far, tar
+  positive = far[far > 0]
+  if positive.size:
+    log_grid = np.geomspace(positive.min(), 1.0, _ROC_PLOT_POINTS // 2)
+  else:
+    log_grid = np.zeros(0)
+  picks = np.searchsorted(far, log_grid, side="right") - 1
+  picks = np.concatenate(
+      [
+          [0, len(far) - 1],
+          picks,
+          np.searchsorted(tar, np.linspace(0, 1, _ROC_PLOT_POINTS // 2)).clip(0, len(far) - 1),
+      ]
+  )
+  picks = np.unique(picks)
+  return far[picks], tar[picks]
 
 
 def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str) -> None:

@@ -28,6 +28,7 @@ from adam_face import checkpointing, classifier, config_lib, errors, model_dir, 
 from adam_face import train_step as ts
 from adam_face import data_builders, train_input, verification_sets
 from adam_face import verification
+from datasets import ijb
 
 MESH_AXIS = classifier.MESH_AXIS
 
@@ -133,6 +134,14 @@ def load_verification_sets(
       ),
       None,
   )
+  names = list(names or config.verification.sets)
+  ijb_names = [name for name in names if name in ijb.IJB_SETS]
+  if ijb_names:
+    raise errors.RunError(
+        f"verification.sets holds {ijb_names}: IJB sets are scored after training by "
+        f"`python -m adam_face.evaluate --model=<workdir> --sets={','.join(ijb_names)} "
+        "--ijb_root=...` (adam_face/ijb.py), not at every evaluation of a training run."
+    )
   return {
       verification_sets.set_name(name): verification_sets.load_verification_set(
           name,
@@ -141,7 +150,7 @@ def load_verification_sets(
           image_size=config.dataset.image_size,
           builder_kwargs=synthetic_kwargs if name == "synthetic" else None,
       )
-      for name in (names or config.verification.sets)
+      for name in names
   }
 
 

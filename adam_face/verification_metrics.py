@@ -150,25 +150,17 @@ def verification_metrics_from_scores(
       "accuracy_std": float(np.std(fold_accuracy)),
   }
   num_genuine, num_impostor = ranked.num_genuine, ranked.num_pairs - ranked.num_genuine
+  impostor_scores = ranked.scores[~ranked.is_same]
   for far in fars:
-    allowed = math.floor(fractions.Fraction(repr(far)) * num_impostor)
     label = far_label(far)
-    if allowed >= num_impostor:
-      threshold, cut = -np.inf, 0
-    else:
-      # The (allowed + 1)-th highest impostor is the (I - allowed)-th lowest: the first cut that
-      # rejects that many impostors ends right after it.
-      position = np.searchsorted(ranked.rejected_impostors, num_impostor - allowed) - 1
-      threshold = ranked.scores[position]
-      cut = np.searchsorted(ranked.scores, threshold, side="right")  # Ties at it are rejected.
-    accepted_genuine = num_genuine - ranked.rejected_genuine[cut]
-    accepted_impostor = num_impostor - ranked.rejected_impostors[cut]
-    metrics[f"tar@far={label}"] = float(accepted_genuine / num_genuine)
-    metrics[f"far@far={label}"] = float(accepted_impostor / num_impostor)
-    metrics[f"threshold@far={label}"] = float(threshold)
+    threshold, achieved_far = far_threshold(impostor_scores, far)
+    cut = np.searchsorted(ranked.scores, threshold, side="right")  # Ties at it are rejected.
+    metrics[f"tar@far={label}"] = float((num_genuine - ranked.rejected_genuine[cut]) / num_genuine)
+    metrics[f"far@far={label}"] = achieved_far
+    metrics[f"threshold@far={label}"] = threshold
   roc_far, roc_tar = _roc(ranked)
-  metrics["auc"] = _area_under(roc_far, roc_tar)
-  metrics["eer"] = _equal_error_rate(roc_far, roc_tar)
+  metrics["auc"] = area_under_roc(roc_far, roc_tar)
+  metrics["eer"] = equal_error_rate(roc_far, roc_tar)
   metrics["best_threshold"] = _best_cut(ranked)[0]
   metrics["num_genuine"] = num_genuine
   metrics["num_impostor"] = num_impostor
@@ -217,6 +209,28 @@ def far_label(far: float) -> str:
   mantissa, exponent = f"{far:e}".split("e")
   mantissa = mantissa.rstrip("0").rstrip(".")
   return f"{mantissa}e{int(exponent)}"
+
+
+def far_threshold(impostor_scores: np.ndarray, far: float) -> tuple[float, float]:
+  """(threshold, achieved FAR): the module's TAR@FAR threshold for these impostor scores.
+
+  With I impostors and k = floor(far * I) (far read as the decimal it is written as), the
+  threshold is the (k+1)-th highest impostor score, so at most k impostors score strictly above
+  it; -inf when k >= I. A score is accepted when it is above the threshold. The achieved FAR is
+  the fraction of impostors accepted (at most `far`: ties at the threshold are rejected). O(I):
+  one partition, no sort. Also the threshold of TPIR@FPIR, with the non-mated probes' best scores
+  as the impostors (template_metrics).
+  """
+  impostor_scores = np.asarray(impostor_scores)
+  num_impostor = impostor_scores.size
+  if num_impostor == 0:
+    raise ValueError("far_threshold needs at least one impostor score.")
+  allowed = math.floor(fractions.Fraction(repr(float(far))) * num_impostor)
+  if allowed >= num_impostor:
+    return -np.inf, 1.0
+  position = num_impostor - 1 - allowed  # The (allowed + 1)-th highest, counted from the lowest.
+  threshold = float(np.partition(impostor_scores, position)[position])
+  return threshold, float(np.count_nonzero(impostor_scores > threshold) / num_impostor)
 
 
 def checked_fars(fars: Sequence[float]) -> tuple[float, ...]:
@@ -425,11 +439,13 @@ def _roc(ranked):
   return far, tar
 
 
-def _area_under(far, tar):
+def area_under_roc(far: np.ndarray, tar: np.ndarray) -> float:
+  """Area under the ROC polygon (far, tar), FAR ascending."""
   return float(np.sum(np.diff(far) * (tar[1:] + tar[:-1])) / 2)
 
 
-def _equal_error_rate(far, tar):
+def equal_error_rate(far: np.ndarray, tar: np.ndarray) -> float:
+  """Where the ROC polygon (far, tar), FAR ascending, crosses FAR = 1 - TAR."""
   # Along the ROC, FAR - FRR rises from -1 at (0, 0) to +1 at (1, 1).
   gap = far - (1 - tar)
   j = int(np.argmax(gap >= 0))

@@ -51,6 +51,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.verification.flip = "sum"  # Flip test: none | sum | concat.
   config.verification.batch_size = 256
   config.verification.eval_every_steps = 2_000
+  # IJB-B / IJB-C (sets "ijbb", "ijbc"), scored by `python -m adam_face.evaluate` only: a run over
+  # IJB-C's 469,375 faces is an evaluation of its own, not a training-time check (adam_face/ijb.py).
+  config.verification.ijb = ml_collections.ConfigDict()
+  config.verification.ijb.root = ""  # Holds IJBB/ and IJBC/ (insightface's IJB release layout).
+  config.verification.ijb.cache_dir = ""  # The aligned faces' cache; "": the root.
+  config.verification.ijb.detector_score = True  # Weigh faces by detector score (insightface D1).
+  config.verification.ijb.norm_score = True  # Weigh faces by embedding norm (insightface N1).
 
   # ---- backbone (adam_face/models)
   config.model = ml_collections.ConfigDict()

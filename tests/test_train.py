@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from adam_face import checkpointing, config_lib, evaluate, report, train, train_input
+from adam_face import checkpointing, config_lib, errors, evaluate, report, train, train_input
+import ijb_fixture
 from fixtures_data import REPO_ROOT
 from tiny_config import TINY_DATA, tiny_demo_config
 
@@ -84,6 +85,30 @@ def test_evaluate_command_scores_a_saved_checkpoint(uninterrupted):
       results["metrics"]["synthetic"]["accuracy"]
   )
   assert os.path.exists(os.path.join(workdir, "eval_8.json"))
+
+
+def test_evaluate_command_scores_pair_and_ijb_sets_in_one_table(uninterrupted, tmp_path):
+  workdir, results = uninterrupted
+  root = ijb_fixture.write_ijbc(tmp_path / "ijb")
+  _, result = evaluate.evaluate_model(
+      workdir, sets=["synthetic", "ijbc"], ijb_root=str(root), ijb_cache=str(tmp_path / "cache")
+  )
+  assert result.metrics["synthetic"]["accuracy"] == pytest.approx(
+      results["metrics"]["synthetic"]["accuracy"]
+  )
+  table = report.format_table(result.metrics).splitlines()
+  assert [line.split()[0] for line in table] == [
+      "set",
+      "synthetic",
+      "set",
+      "ijbc",
+      "set",
+      "ijbc_1n",
+  ]
+  assert 0 <= result.metrics["ijbc"]["tar@far=1e-1"] <= 1
+  assert set(result.curves) == {"synthetic", "ijbc"}
+  with pytest.raises(errors.RunError, match="IJB sets are scored after training"):
+    train.load_verification_sets(tiny_demo_config(), ["synthetic", "ijbc"])
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
