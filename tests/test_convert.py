@@ -1,4 +1,5 @@
-"""Tests of python -m adam_face.convert: arcface_torch weights into a model directory.
+"""Tests of python -m adam_face.convert: arcface_torch weights, or their ONNX graphs, into a model
+directory.
 
 arcface_torch's networks are restated below in PyTorch from their published layout (insightface,
 recognition/arcface_torch/backbones: iresnet.py and mobilefacenet.py), with the module names of
@@ -6,9 +7,10 @@ its state dicts. Their weights are random; their BatchNorm statistics are measur
 images in train mode, then jittered (so that every layer carries the image, rather than BN biases,
 to the embedding, and no statistic is 0 or 1). Each side normalises the same uint8 images its own
 way, as in use: arcface_torch (x / 255 - 0.5) / 0.5 in NCHW, adam_face train_input.normalize in
-NHWC.
+NHWC. The ONNX graphs are torch.onnx's exports of those networks (tests skip without onnx).
 """
 
+import copy
 import subprocess
 import sys
 
@@ -208,8 +210,18 @@ def cosine(a, b):
   return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-def convert_and_embed(weights, arch, out):
-  convert.main(["--from", "arcface_torch", "--arch", arch, "--weights", str(weights), "--out", out])
+def assert_same_embeddings(actual, expected):
+  similarity = cosine(actual, expected)
+  assert similarity.min() >= 0.99999, similarity
+  # Also equal in scale: a missing input-scale fold (128 / 127.5) left cosines above 0.99999 for
+  # r18 but errors of 0.6% of the largest value, against ~4e-6 converted exactly.
+  np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+def convert_and_embed(flags: list[str], out: str):
+  """Converts with the command line's `flags` (all but --out) into `out`; the model and its
+  embeddings of IMAGES."""
+  convert.main(flags + ["--out", out])
   model = model_dir.load(out)
   images = train_input.normalize(IMAGES.astype(np.float32))
   return model, np.asarray(jax.jit(lambda embed, x: embed(x))(model.embed_fn, images))
@@ -230,14 +242,11 @@ def test_converted_model_computes_the_arcface_torch_embeddings(
     arcface_torch_weights, arch, tmp_path
 ):
   weights, expected = arcface_torch_weights(arch)
-  model, actual = convert_and_embed(weights, arch, str(tmp_path / "model"))
+  flags = ["--from", "arcface_torch", "--arch", arch, "--weights", str(weights)]
+  model, actual = convert_and_embed(flags, str(tmp_path / "model"))
   assert model.model_config == {"name": convert.ARCFACE_TORCH_ARCHS[arch], "embedding_dim": 512}
   assert model.image_size == 112
-  similarity = cosine(actual, expected)
-  assert similarity.min() >= 0.99999, similarity
-  # Also equal in scale: a missing input-scale fold (128 / 127.5) left cosines above 0.99999 for
-  # r18 but errors of 0.6% of the largest value, against ~4e-6 converted exactly.
-  np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+  assert_same_embeddings(actual, expected)
   # The two images' embeddings differ by far more than the tolerance: the image, not only the BN
   # biases, reaches the embedding. (Noise images look alike to deep random networks: 0.899 for
   # r200, 0.23 to 0.78 for the others.)
@@ -270,16 +279,21 @@ def test_command_line_reads_a_data_parallel_checkpoint(arcface_torch_weights, tm
   )
 
 
-def conversion_error(capsys, weights, arch, out) -> str:
-  """The converter's message on stderr, checked to be one line."""
+def command_error(capsys, flags: list[str]) -> str:
+  """The converter's message on stderr for the command line's `flags`, checked to be one line."""
   with pytest.raises(SystemExit) as exit_info:
-    convert.main(
-        ["--from", "arcface_torch", "--arch", arch, "--weights", str(weights), "--out", str(out)]
-    )
+    convert.main(flags)
   assert exit_info.value.code == 1
   message = capsys.readouterr().err
   assert message.count("\n") == 1, message
   return message
+
+
+def conversion_error(capsys, weights, arch, out) -> str:
+  return command_error(
+      capsys,
+      ["--from", "arcface_torch", "--arch", arch, "--weights", str(weights), "--out", str(out)],
+  )
 
 
 @pytest.mark.parametrize(
@@ -331,15 +345,197 @@ def test_an_existing_model_is_not_overwritten(tmp_path, capsys):
   assert "already holds a model" in message
 
 
-def test_torch_is_imported_only_to_convert(monkeypatch, tmp_path):
+def test_torch_and_onnx_are_imported_only_to_convert(monkeypatch, tmp_path):
+  code = "import sys, adam_face.convert; print('torch' in sys.modules, 'onnx' in sys.modules)"
   result = subprocess.run(
-      [sys.executable, "-c", "import sys, adam_face.convert; print('torch' in sys.modules)"],
-      cwd=REPO_ROOT,
-      capture_output=True,
-      text=True,
-      timeout=300,
+      [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
   )
-  assert result.stdout.strip() == "False", result.stderr
+  assert result.stdout.strip() == "False False", result.stderr
   monkeypatch.setitem(sys.modules, "torch", None)  # As if not installed: import raises.
   with pytest.raises(convert.ConversionError, match="pip install -r benchmarks/requirements.txt"):
     convert.load_state_dict(str(tmp_path / "backbone.pth"))
+  monkeypatch.setitem(sys.modules, "onnx", None)
+  with pytest.raises(convert.ConversionError, match="pip install -r requirements-export.txt"):
+    convert.convert_onnx(str(tmp_path / "backbone.onnx"), None, str(tmp_path / "model"))
+
+
+# --from onnx
+
+
+def import_onnx():
+  return pytest.importorskip(
+      "onnx", reason="--from onnx's tests need onnx: pip install -r requirements-export.txt"
+  )
+
+
+def export_onnx(model: nn.Module, path, insightface: bool = True):
+  """`model` exported to ONNX by torch's TorchScript exporter, in eval mode. `insightface`: as
+  arcface_torch's torch2onnx.py exports (opset 11, constants folded, which folds each BN that
+  follows a Conv into it); otherwise with the default opset, every BN a node, PRelu slopes
+  unsqueezed by Unsqueeze nodes, and the initializers also listed as graph inputs."""
+  model.eval()
+  torch.onnx.export(
+      model,
+      torch_input(IMAGES[:1]),
+      str(path),
+      dynamo=False,  # torch2onnx.py's exporter (the dynamo one needs onnxscript).
+      opset_version=11 if insightface else None,
+      do_constant_folding=insightface,
+      keep_initializers_as_inputs=not insightface,
+      training=torch.onnx.TrainingMode.EVAL,
+      input_names=["data"],
+      dynamic_axes={"data": {0: "batch"}},
+  )
+
+
+@pytest.fixture(scope="module")
+def onnx_graph(arcface_torch_weights, tmp_path_factory):
+  """(arch, form) -> an ONNX file of the network of arcface_torch_weights(arch), in `form`:
+  "folded" as torch2onnx.py exports it, "bn_kept" with every BN a node (export_onnx); each
+  exported once, on first use."""
+  import_onnx()
+  cache = {}
+
+  def get(arch, form="folded"):
+    if (arch, form) not in cache:
+      model = torch_model(arch)
+      model.load_state_dict(torch.load(arcface_torch_weights(arch)[0]))
+      path = tmp_path_factory.mktemp(f"{arch}_onnx") / f"{form}.onnx"
+      export_onnx(model, path, insightface=form == "folded")
+      cache[arch, form] = path
+    return cache[arch, form]
+
+  return get
+
+
+def rewritten(onnx, path, out):
+  """The folded graph at `path`, rewritten to compute the same function with the other forms the
+  converter reads, saved at `out`: the raw pixels normalised in the graph, by Sub 127.5 and a
+  per-channel Mul 1 / 128 (MXNet's; the first Conv's weight is scaled by 128 / 127.5 to keep the
+  function), PRelu slopes [1, C, 1, 1], the fc as MatMul and Add, the final BN's epsilon 2e-5
+  (its variance 1e-5 lower), and an Identity and a Dropout before the Flatten."""
+  from onnx import helper, numpy_helper  # pylint: disable=g-import-not-at-top
+
+  model = onnx.load(str(path))
+  graph = model.graph
+  initializers = {t.name: t for t in graph.initializer}
+
+  def edit(name, change):
+    initializers[name].CopyFrom(
+        numpy_helper.from_array(change(numpy_helper.to_array(initializers[name])), name)
+    )
+
+  def constant(name, value):
+    graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+    return name
+
+  nodes = [
+      helper.make_node("Sub", ["data", constant("mean", 127.5)], ["centred"], name="minus"),
+      helper.make_node(
+          "Mul",
+          ["centred", constant("scale", np.full((1, 3, 1, 1), 1 / 128))],
+          ["normalised"],
+          name="times",
+      ),
+  ]
+  last = len(graph.node) - 1
+  for index, node in enumerate(graph.node):
+    if index == 0:
+      node.input[0] = "normalised"
+      edit(node.input[1], lambda w: (w * np.float64(128 / 127.5)).astype(np.float32))
+    if node.op_type == "PRelu":
+      edit(node.input[1], lambda slope: slope.reshape(1, -1, 1, 1))
+    if node.op_type == "Flatten":
+      nodes.append(helper.make_node("Identity", [node.input[0]], ["same"], name="identity"))
+      nodes.append(helper.make_node("Dropout", ["same"], ["kept"], name="dropout"))
+      node.input[0] = "kept"
+    if node.op_type == "Gemm":
+      edit(node.input[1], lambda w: w.T.copy())
+      nodes.append(helper.make_node("MatMul", node.input[:2], ["product"], name="fc_matmul"))
+      nodes.append(helper.make_node("Add", ["product", node.input[2]], node.output, name="fc_add"))
+      continue
+    if index == last:  # The final BN.
+      node.attribute.remove(next(a for a in node.attribute if a.name == "epsilon"))
+      node.attribute.append(helper.make_attribute("epsilon", 2e-5))
+      edit(node.input[4], lambda var: var - np.float32(1e-5))
+    nodes.append(node)
+  nodes = [copy.deepcopy(node) for node in nodes]  # Not views into the list cleared below.
+  del graph.node[:]
+  graph.node.extend(nodes)
+  onnx.checker.check_model(model)
+  onnx.save(model, str(out))
+  return out
+
+
+def onnx_flags(path, *flags):
+  return ["--from", "onnx", "--weights", str(path), *flags]
+
+
+def test_onnx_graph_converts_to_the_torch_embeddings(onnx_graph, arcface_torch_weights, tmp_path):
+  onnx = import_onnx()
+  weights, expected = arcface_torch_weights("r18")
+  graphs = {form: onnx_graph("r18", form) for form in ("folded", "bn_kept")}
+  graphs["rewritten"] = rewritten(onnx, graphs["folded"], tmp_path / "rewritten.onnx")
+  try:
+    import onnxruntime  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    onnxruntime = None
+  pixels = IMAGES.transpose(0, 3, 1, 2).astype(np.float32)
+  for form, path in graphs.items():
+    flags = onnx_flags(path, "--arch", "r18") if form == "folded" else onnx_flags(path)
+    model, actual = convert_and_embed(flags, str(tmp_path / form))
+    assert model.model_config == {"name": "iresnet18", "embedding_dim": 512}, form
+    assert "onnx r18" in model.source
+    assert_same_embeddings(actual, expected)
+    if onnxruntime is not None and form == "rewritten":  # The rewrite kept the function.
+      session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+      assert_same_embeddings(session.run(None, {"data": pixels})[0], expected)
+  # With every BN a node, the graph holds the state dict's tensors: the same variables exactly.
+  out = str(tmp_path / "from_torch")
+  convert.main(
+      ["--from", "arcface_torch", "--arch", "r18", "--weights", str(weights), "--out", out]
+  )
+  jax.tree.map(
+      np.testing.assert_array_equal,
+      model_dir.load(str(tmp_path / "bn_kept")).variables,
+      model_dir.load(out).variables,
+  )
+
+
+def test_onnx_arch_is_read_off_the_graph(onnx_graph, tmp_path, capsys):
+  # r34's stages differ in depth (3, 4, 6, 3), unlike r18's: the order of the count is checked too.
+  graph = onnx_graph("r34")
+  convert.main(onnx_flags(graph, "--out", str(tmp_path / "r34")))
+  assert model_dir.load(str(tmp_path / "r34")).model_config["name"] == "iresnet34"
+  assert "iresnet34, 512-d" in capsys.readouterr().out
+  for arch, problem in [
+      ("r50", "but {} is an arcface_torch r34 graph (stage depths (3, 4, 6, 3))"),
+      ("mbf", "--from onnx reads arcface_torch's iResNets (r18, r34, r50, r100, r200), not mbf"),
+  ]:
+    out = tmp_path / arch
+    message = command_error(capsys, onnx_flags(graph, "--arch", arch, "--out", str(out)))
+    assert problem.format(graph) in message
+    assert not out.exists()
+
+
+def test_a_graph_that_is_not_an_iresnet_is_refused(onnx_graph, tmp_path, capsys):
+  onnx = import_onnx()
+  mlp = tmp_path / "mlp.onnx"
+  export_onnx(
+      nn.Sequential(nn.Flatten(), nn.Linear(3 * 112 * 112, 8), nn.PReLU(), nn.Linear(8, 4)), mlp
+  )
+  relu = onnx.load(str(onnx_graph("r18")))
+  prelu = [node for node in relu.graph.node if node.op_type == "PRelu"][3]
+  prelu.op_type = "Relu"
+  del prelu.input[1:]
+  onnx.save(relu, str(tmp_path / "relu.onnx"))
+  for path, problem in [
+      (mlp, "Flatten node '/0/Flatten' is where the first Conv was expected"),
+      (
+          tmp_path / "relu.onnx",
+          f"Relu node {prelu.name!r} is where residual unit 3's PRelu was expected",
+      ),
+  ]:
+    message = command_error(capsys, onnx_flags(path, "--out", str(tmp_path / "model")))
+    assert f"{path} is not an arcface_torch iResNet graph: {problem}." in message
+    assert not (tmp_path / "model").exists()
