@@ -2,6 +2,7 @@
 
   python -m adam_face.embed --model=/tmp/run --images=/data/faces --out=faces.npz
   python -m adam_face.embed --model=/tmp/r50 --images=list.txt --landmarks=points.txt --out=e.npz
+  python -m adam_face.embed --model=/tmp/r50 --images=photos/ --faces=skip_multiple --out=e.npz
 
 --model is a model path as model_dir.load takes it: a model directory, or a training workdir (its
 latest checkpoint, or --step). --images, repeatable, is a folder (every image file under it, in
@@ -12,11 +13,14 @@ The network only knows aligned faces: the 112x112 ArcFace crop (datasets/alignme
 the model's input size. An image is used
   * with landmarks (--landmarks): warped onto the ArcFace template at 112x112, as the
     vggface2/folder builder aligns the raw VGGFace2 photos;
-  * without: as it is when it is 112x112 or the model's input size (an aligned crop); any other
-    size only with --resize, resized whole as training resizes it (for crops aligned at another
-    scale, or a model trained on unaligned faces such as ORL's);
-and is otherwise refused. There is no face detector yet: a raw photo needs its five landmarks
-from elsewhere (e.g. insightface's RetinaFace).
+  * without, when it is 112x112 or the model's input size: as it is (an aligned crop);
+  * without, of any other size: with --resize, resized whole as training resizes it (for crops
+    aligned at another scale, or a model trained on unaligned faces such as ORL's); otherwise as a
+    photo: the face detector (adam_face/face_detector.py: MTCNN, faces of 20 pixels or more) finds
+    its faces with their five landmarks, and the face is warped onto the template as with
+    --landmarks. A photo without a face is unusable; of several faces, --faces=largest (default)
+    takes the one with the largest box and logs the file and the count, --faces=skip_multiple
+    finds the photo unusable.
 
 Pixels are those of training and verification: pillow reads and checks each file and converts
 what TensorFlow cannot decode as the dataset builders do (datasets/images.py), then the
@@ -31,9 +35,9 @@ uint8) reads it, so a threshold found on a verification set applies to these emb
     folder and stem.
 An image without a row is treated as if no landmarks were given.
 
-An unusable image (unreadable, undecodable, or of an unaligned size without landmarks) is one line
-naming the file and the fix: --on_error=fail (default) stops there; --on_error=skip logs it, leaves
-it out and lists it in the output's `skipped`.
+An unusable image (unreadable, undecodable, a photo without a face, or with several under
+--faces=skip_multiple) is one line naming the file and the fix: --on_error=fail (default) stops
+there; --on_error=skip logs it, leaves it out and lists it in the output's `skipped`.
 
 The output (.npz): `embeddings` float32 [N, D] ([N, 2D] with --flip=concat), rows of unit norm;
 `paths` str [N], the images embedded, in order (a list's entries joined to its folder);
@@ -59,6 +63,7 @@ import tqdm
 from adam_face import classifier
 from adam_face import embedding
 from adam_face import errors
+from adam_face import face_detector
 from adam_face import model_dir
 from adam_face import verification_sets
 from datasets import alignment
@@ -73,6 +78,8 @@ ALIGNED_SIZE = face_identity.IMAGE_SIZE
 # next chunk is read during this one's embedding; also the progress bar's step.
 _CHUNK_BATCHES = 8
 _PER_DEVICE_BATCH = 32
+# --faces: what a photo where the detector finds several faces gives.
+FACE_CHOICES = ("largest", "skip_multiple")
 
 Landmarks = Callable[[str], np.ndarray | None]
 
@@ -167,11 +174,46 @@ def read_landmarks(path: str) -> Landmarks:
   return lambda image: points.get(os.path.abspath(image))
 
 
+def detected_landmarks(path: str, image, image_size: int, faces: str = "largest") -> np.ndarray:
+  """The [5, 2] landmarks of the face the detector finds in the photo `image` (of the file
+  `path`): its only face, or by `faces` (FACE_CHOICES) the largest of several or none;
+  UnusableImageError where there is no face to use."""
+  found = face_detector.detect(image)
+  if not len(found):
+    width, height = image.size
+    raise UnusableImageError(
+        f"{path}: {width}x{height} is not an aligned face crop ({ALIGNED_SIZE}x{ALIGNED_SIZE} or "
+        f"{image_size}x{image_size}) and has no landmarks, and no face found in it (faces of "
+        f"{face_detector.MIN_FACE_SIZE} pixels or more); give its five landmarks with "
+        "--landmarks, or --resize to use it resized whole."
+    )
+  if len(found) > 1:
+    if faces == "skip_multiple":
+      raise UnusableImageError(
+          f"{path}: {len(found)} faces found (--faces=skip_multiple); crop it to one face, give "
+          "that face's landmarks with --landmarks, or pass --faces=largest."
+      )
+    largest = found.largest()
+    logging.warning(
+        "%s: %d faces found; using the largest, box (%s).",
+        path,
+        len(found),
+        ", ".join(f"{v:.0f}" for v in found.boxes[largest]),
+    )
+    return found.landmarks[largest]
+  return found.landmarks[0]
+
+
 def image_bytes(
-    path: str, image_size: int, landmarks: Landmarks | None = None, resize: bool = False
+    path: str,
+    image_size: int,
+    landmarks: Landmarks | None = None,
+    resize: bool = False,
+    faces: str = "largest",
 ) -> bytes:
   """The bytes train_input.decode_image reads for `path`: the file itself or a PNG of it, aligned
-  with its landmarks when it has them; UnusableImageError if it cannot be used."""
+  with its landmarks when it has them, else with the detected ones when it is a photo (not an
+  aligned crop, and no --resize); UnusableImageError if it cannot be used."""
   try:
     with open(path, "rb") as f:
       data = f.read()
@@ -182,18 +224,13 @@ def image_bytes(
   except images.UndecodableImageError as e:
     raise UnusableImageError(f"{e}; replace the file or leave it out.") from e
   points = landmarks(path) if landmarks else None
-  if points is not None:
-    # Aligned at the template's own size, then resized by decode_image as training resizes the
-    # aligned 112x112 crops to smaller inputs. PNG keeps the crop's pixels exactly.
-    return images.encode_png(alignment.align_face(image, points, ALIGNED_SIZE))
-  if resize or image.size in ((ALIGNED_SIZE, ALIGNED_SIZE), (image_size, image_size)):
-    return images.storable_bytes(data, image)
-  width, height = image.size
-  raise UnusableImageError(
-      f"{path}: {width}x{height} is not an aligned face crop ({ALIGNED_SIZE}x{ALIGNED_SIZE} or "
-      f"{image_size}x{image_size}) and it has no landmarks; give its five landmarks with "
-      "--landmarks (there is no face detector yet), or --resize to use it resized whole."
-  )
+  if points is None:
+    if resize or image.size in ((ALIGNED_SIZE, ALIGNED_SIZE), (image_size, image_size)):
+      return images.storable_bytes(data, image)
+    points = detected_landmarks(path, image, image_size, faces)
+  # Aligned at the template's own size, then resized by decode_image as training resizes the
+  # aligned 112x112 crops to smaller inputs. PNG keeps the crop's pixels exactly.
+  return images.encode_png(alignment.align_face(image, points, ALIGNED_SIZE))
 
 
 def decode_uint8(encoded: Sequence[bytes], image_size: int) -> np.ndarray:
@@ -212,6 +249,7 @@ def embed_images(
     batch_size: int | None = None,
     landmarks: Landmarks | None = None,
     resize: bool = False,
+    faces: str = "largest",
     on_error: str = "fail",
 ) -> tuple[np.ndarray, list[str], list[str]]:
   """(embeddings float32 [N, D], the N paths embedded, the paths skipped) of the images at
@@ -231,7 +269,7 @@ def embed_images(
 
   def read(path):
     try:
-      return image_bytes(path, model.image_size, landmarks, resize)
+      return image_bytes(path, model.image_size, landmarks, resize, faces)
     except UnusableImageError as e:
       return e
 
@@ -291,6 +329,7 @@ def embed_to_file(
     landmarks_path: str | None = None,
     flip: str | None = None,
     resize: bool = False,
+    faces: str = "largest",
     on_error: str = "fail",
     batch_size: int | None = None,
 ) -> dict[str, np.ndarray]:
@@ -303,6 +342,7 @@ def embed_to_file(
       batch_size=batch_size,
       landmarks=read_landmarks(landmarks_path) if landmarks_path else None,
       resize=resize,
+      faces=faces,
       on_error=on_error,
   )
   # str arrays, even when empty: np.load reads them back without pickle.
@@ -339,6 +379,12 @@ def define_image_flags() -> None:
       False,
       "Resize images of any size to the model's input, not only 112x112 ones (aspect not kept).",
   )
+  flags.DEFINE_enum(
+      "faces",
+      "largest",
+      FACE_CHOICES,
+      "A photo in which the face detector finds several faces: use the largest, or skip it.",
+  )
 
 
 def define_embed_flags():
@@ -369,6 +415,7 @@ def main(argv):
         landmarks_path=FLAGS.landmarks,
         flip=FLAGS.flip,
         resize=FLAGS.resize,
+        faces=FLAGS.faces,
         on_error=FLAGS.on_error,
         batch_size=FLAGS.batch_size,
     )

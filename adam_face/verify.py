@@ -5,10 +5,10 @@
   python -m adam_face.verify --model=/tmp/r50 --threshold=0.3 a.jpg b.jpg
 
 The two images are read and embedded exactly as adam_face.embed reads and embeds them, with the
-same --model, --step, --landmarks, --resize and --flip flags (its docstring says which images are
-usable; there is no face detector yet). The score is the cosine similarity of the two embeddings
-(verification_metrics.pair_scores) and the pair is "same" when score > threshold, the convention
-of verification_metrics.
+same --model, --step, --landmarks, --resize, --faces and --flip flags (its docstring says which
+images are usable: aligned crops, and photos aligned by their landmarks or by the face detector's).
+The score is the cosine similarity of the two embeddings (verification_metrics.pair_scores) and
+the pair is "same" when score > threshold, the convention of verification_metrics.
 
 The threshold is --threshold, or is read --threshold_from a verification run's results: training's
 results.json or `python -m adam_face.evaluate`'s eval*.json, whose metrics hold for each set the
@@ -76,6 +76,7 @@ def verify_pair(
     flip: str | None = None,
     landmarks_path: str | None = None,
     resize: bool = False,
+    faces: str = "largest",
 ) -> dict:
   """What `python -m adam_face.verify` does (see the module docstring).
 
@@ -113,6 +114,7 @@ def verify_pair(
       flip=flip,
       landmarks=embed.read_landmarks(landmarks_path) if landmarks_path else None,
       resize=resize,
+      faces=faces,
   )
   score = float(verification_metrics.pair_scores(embeddings[:1], embeddings[1:])[0])
   return {
@@ -149,6 +151,7 @@ def main(argv):
         flip=FLAGS.flip,
         landmarks_path=FLAGS.landmarks,
         resize=FLAGS.resize,
+        faces=FLAGS.faces,
     )
   except errors.RunError as e:
     sys.exit(f"FATAL: {e}")

@@ -2,6 +2,7 @@
 
 * REPO_ROOT: the checkout, for tests that read its configs or notebooks or run its programs.
 * encoded_image: a smooth random image, encoded as JPEG, PNG, PPM, BMP, ...
+* save_tiny_model: a model directory of the `tiny` network with random weights.
 * python2_pair_bin: an insightface verification .bin exactly as Python 2 pickles it.
 * encode_record, write_recordio, image_payload, meta_payload: MXNet RecordIO files written from
   the format description (the docstring of datasets/recordio.py), not from that reader's code,
@@ -99,3 +100,23 @@ def image_payload(label, image: bytes, record_id: int = 0) -> bytes:
 def meta_payload(num_images: int, num_identities: int) -> bytes:
   """Record 0 of the insightface layout: labels (first identity record, end of those)."""
   return image_payload([num_images + 1, num_images + 1 + num_identities], b"")
+
+
+def save_tiny_model(path: str, image_size: int = 32, embedding_dim: int = 32) -> str:
+  """Writes a model directory (adam_face/model_dir.py) of a randomly initialised `tiny` network at
+  `path`; returns path."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from adam_face import model_dir, models  # pylint: disable=g-import-not-at-top
+
+  model_config = {"name": "tiny", "embedding_dim": embedding_dim}
+  model = models.create_model(**model_config)
+  # Jitted, with the rbg generator: its init compiles in a fraction of threefry's time.
+  variables = jax.jit(lambda x: model.init(jax.random.key(0, impl="rbg"), x, train=False))(
+      jnp.zeros((1, image_size, image_size, 3))
+  )
+  model_dir.save(
+      path, model_config=model_config, image_size=image_size, variables=variables, source="test"
+  )
+  return path

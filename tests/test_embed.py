@@ -14,16 +14,15 @@ import re
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
-from adam_face import embed, embedding, errors, model_dir, models, train_input, verify
+from adam_face import embed, embedding, errors, face_detector, model_dir, train_input
+from adam_face import verify
 from datasets import alignment
-from fixtures_data import REPO_ROOT, encoded_image
+from fixtures_data import REPO_ROOT, encoded_image, save_tiny_model
 
 IMAGE_SIZE = 32
 BATCH_SIZE = 8  # One image a device of the 8-device mesh.
@@ -31,17 +30,7 @@ BATCH_SIZE = 8  # One image a device of the 8-device mesh.
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("model"))
-  model_config = {"name": "tiny", "embedding_dim": 32}
-  model = models.create_model(**model_config)
-  # Jitted, with the rbg generator: its init compiles in a fraction of threefry's time.
-  variables = jax.jit(lambda x: model.init(jax.random.key(0, impl="rbg"), x, train=False))(
-      jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))
-  )
-  model_dir.save(
-      path, model_config=model_config, image_size=IMAGE_SIZE, variables=variables, source="test"
-  )
-  return path
+  return save_tiny_model(str(tmp_path_factory.mktemp("model")), IMAGE_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -176,20 +165,24 @@ def test_a_long_run_reads_ahead_in_chunks_and_keeps_every_image_in_order(
   )
 
 
-def test_orl_faces_are_refused_unaligned_or_resized_whole(model_path, reference, orl_dir, tmp_path):
-  """ORL's 92x112 greyscale faces are centred but not aligned to the ArcFace template: refused
-  without landmarks unless --resize stretches them to the input, as training on ORL does."""
+def test_orl_faces_are_aligned_by_the_face_detector_or_resized_whole(
+    model_path, reference, orl_dir, tmp_path
+):
+  """ORL's 92x112 greyscale faces are centred but not aligned to the ArcFace template: without
+  landmarks the face detector finds them and they are aligned by its landmarks, unless --resize
+  stretches them whole to the input, as training on ORL does."""
   folder = str(orl_dir / "s1")
-  written = _embed(
-      model_path,
-      [folder, _write(tmp_path / "aligned.jpg", encoded_image(8, (112, 112)))],
-      tmp_path / "skip.npz",
-      on_error="skip",
-  )
-  assert len(written["skipped"]) == 10 and list(written["paths"]) == [str(tmp_path / "aligned.jpg")]
+  names = [f"{i}.pgm" for i in range(1, 11)]
+  written = _embed(model_path, [folder], tmp_path / "detected.npz")
+  assert list(written["paths"]) == [os.path.join(folder, name) for name in names]
+  photos = [Image.open(orl_dir / "s1" / name) for name in names]
+  aligned = [
+      _png(alignment.align_face(photo, face_detector.detect(photo).landmarks[0], 112))
+      for photo in photos
+  ]
+  np.testing.assert_allclose(written["embeddings"], reference(aligned), atol=1e-5)
 
   written = _embed(model_path, [folder], tmp_path / "resized.npz", resize=True)
-  names = [f"{i}.pgm" for i in range(1, 11)]
   assert list(written["paths"]) == [os.path.join(folder, name) for name in names]
   # The image_folder builder stores ORL's PGM files as greyscale PNG.
   as_png = [_png(np.asarray(Image.open(orl_dir / "s1" / name))) for name in names]
