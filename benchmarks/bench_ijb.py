@@ -60,38 +60,44 @@ def bench_scoring(mesh):
   features /= np.linalg.norm(features, axis=1, keepdims=True)
   weights = rng.uniform(0.5, 1.0, NUM_FACES)
 
-  pooled = _timed(
-      "pool 469,375 faces into templates",
-      template_metrics.pool_templates,
-      features,
-      weights,
-      templates,
-      media,
-  )
   first = rng.integers(0, NUM_TEMPLATES, NUM_PAIRS)
   second = rng.integers(0, NUM_TEMPLATES, NUM_PAIRS)
-  same_subject = np.flatnonzero(subject_of_template[first] == subject_of_template[second])
-  is_same = np.zeros(NUM_PAIRS, bool)
-  is_same[same_subject[:NUM_GENUINE]] = True
-  scores = _timed(
-      "score 15,658,489 template pairs", template_metrics.pair_scores, pooled, first, second, mesh
-  )
-  metrics, _ = _timed(
-      "1:1 metrics (6 FARs, ROC, AUC)", template_metrics.one_to_one_metrics, scores, is_same
-  )
-  print("  TAR@FAR=1e-4 of this random set:", f"{metrics['tar@far=1e-4']:.4f}")
-
   probes = rng.choice(NUM_TEMPLATES, NUM_PROBES, replace=False)
-  started = time.perf_counter()
-  for name, size in GALLERY_SIZES.items():
-    gallery = rng.choice(NUM_TEMPLATES, size, replace=False)
-    row_of_subject = {s: i for i, s in enumerate(subject_of_template[gallery])}
-    mated_row = np.array([row_of_subject.get(s, -1) for s in subject_of_template[probes]])
-    result = template_metrics.search_gallery(
-        pooled.features[probes], pooled.features[gallery], mated_row, mesh
+  galleries = {
+      name: rng.choice(NUM_TEMPLATES, size, replace=False) for name, size in GALLERY_SIZES.items()
+  }
+  # The first pass includes compiling each program; the second is what a further evaluation costs.
+  for attempt in ("first run, compiling", "second run"):
+    print(f" {attempt}:")
+    pooled = _timed(
+        "pool 469,375 faces into templates",
+        template_metrics.pool_templates,
+        features,
+        weights,
+        templates,
+        media,
     )
-    template_metrics.one_to_n_metrics(result)
-  print(f"  {'1:N search and metrics, both galleries':<38} {time.perf_counter() - started:8.2f} s")
+    same_subject = np.flatnonzero(subject_of_template[first] == subject_of_template[second])
+    is_same = np.zeros(NUM_PAIRS, bool)
+    is_same[same_subject[:NUM_GENUINE]] = True
+    scores = _timed(
+        "score 15,658,489 template pairs", template_metrics.pair_scores, pooled, first, second, mesh
+    )
+    metrics, _ = _timed(
+        "1:1 metrics (6 FARs, ROC, AUC)", template_metrics.one_to_one_metrics, scores, is_same
+    )
+    started = time.perf_counter()
+    for gallery in galleries.values():
+      row_of_subject = {s: i for i, s in enumerate(subject_of_template[gallery])}
+      mated_row = np.array([row_of_subject.get(s, -1) for s in subject_of_template[probes]])
+      result = template_metrics.search_gallery(
+          pooled.features[probes], pooled.features[gallery], mated_row, mesh
+      )
+      template_metrics.one_to_n_metrics(result)
+    print(
+        f"  {'1:N search and metrics, both galleries':<38} {time.perf_counter() - started:8.2f} s"
+    )
+  print("  TAR@FAR=1e-4 of this random set:", f"{metrics['tar@far=1e-4']:.4f}")
 
 
 def bench_faces(mesh, num_faces, model_name):
