@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from datasets import alignment
+from datasets import ijb
 from fixtures_data import encoded_image
 
 SUBJECTS = 10
@@ -58,9 +59,11 @@ def _loose_crop(face, rng):
   return canvas, alignment.ARCFACE_TEMPLATE_112 * size / 112 + offset
 
 
-def write_ijbc(root: pathlib.Path, lfw_dev_dir=None) -> pathlib.Path:
-  """Writes <root>/IJBC (module docstring); returns root."""
-  crops, meta = root / "IJBC" / "loose_crop", root / "IJBC" / "meta"
+def write_ijbc(root: pathlib.Path, lfw_dev_dir=None, name: str = "ijbc") -> pathlib.Path:
+  """Writes <root>/IJBC (module docstring), or with name 'ijbb' the same as <root>/IJBB, its
+  galleries named S1 and S2; returns root."""
+  folder, (gallery_1, gallery_2) = ijb.IJB_SETS[name]
+  crops, meta = root / folder / "loose_crop", root / folder / "meta"
   crops.mkdir(parents=True)
   meta.mkdir()
   rng = np.random.default_rng(5)
@@ -75,35 +78,37 @@ def write_ijbc(root: pathlib.Path, lfw_dev_dir=None) -> pathlib.Path:
   template_faces[991] = list(template_faces[21])  # Repeats template 21: exact ties.
   for t, entries in template_faces.items():
     for face, medium in entries:
-      name = f"{len(face_rows)}.jpg"
+      file_name = f"{len(face_rows)}.jpg"
       photo, points = _loose_crop(face, rng)
-      photo.save(crops / name, quality=95)
+      photo.save(crops / file_name, quality=95)
       score = rng.uniform(0.5, 1.0)
-      face_rows.append(f"{name} {t} {1000 * t + medium}")
-      landmark_rows.append(name + " " + " ".join(f"{v:.3f}" for v in points.ravel()) + f" {score}")
+      face_rows.append(f"{file_name} {t} {1000 * t + medium}")
+      landmark_rows.append(
+          file_name + " " + " ".join(f"{v:.3f}" for v in points.ravel()) + f" {score}"
+      )
   # A face whose photo is missing and one that cannot be decoded (in template 31 and 41); and
   # template 992, whose only face is missing.
   for t, kind in ((31, "missing"), (41, "broken"), (992, "missing")):
-    name = f"{len(face_rows)}_{kind}.jpg"
+    file_name = f"{len(face_rows)}_{kind}.jpg"
     if kind == "broken":
-      (crops / name).write_bytes(b"not a jpeg")
-    face_rows.append(f"{name} {t} {1000 * t + 9}")
-    landmark_rows.append(name + " 38 51 73 51 56 71 41 92 70 92 0.9")
-  (meta / "ijbc_face_tid_mid.txt").write_text("\n".join(face_rows) + "\n")
-  (meta / "ijbc_name_5pts_score.txt").write_text("\n".join(landmark_rows) + "\n")
+      (crops / file_name).write_bytes(b"not a jpeg")
+    face_rows.append(f"{file_name} {t} {1000 * t + 9}")
+    landmark_rows.append(file_name + " 38 51 73 51 56 71 41 92 70 92 0.9")
+  (meta / f"{name}_face_tid_mid.txt").write_text("\n".join(face_rows) + "\n")
+  (meta / f"{name}_name_5pts_score.txt").write_text("\n".join(landmark_rows) + "\n")
   pairs = []
   ids = sorted(template_faces) + [992]
   for i, a in enumerate(ids):
     for b in ids[i + 1 :]:
       pairs.append(f"{a} {b} {int(a // 10 == b // 10 and a < 990)}")
-  (meta / "ijbc_template_pair_label.txt").write_text("\n".join(pairs) + "\n")
+  (meta / f"{name}_template_pair_label.txt").write_text("\n".join(pairs) + "\n")
   header = "TEMPLATE_ID,SUBJECT_ID,FILENAME,SIGHTING_ID\n"
   g1 = "".join(f"{10 * s + 1},{s},x.jpg,0\n" for s in range(0, SUBJECTS // 2))
   g2 = "".join(f"{10 * s + 1},{s},x.jpg,0\n{10 * s + 1},{s},y.jpg,1\n" for s in range(5, SUBJECTS))
   probes = "".join(f"{10 * s + 2},{s},x.jpg,0\n" for s in range(SUBJECTS))
-  (meta / "ijbc_1N_gallery_G1.csv").write_text(header + g1)
-  (meta / "ijbc_1N_gallery_G2.csv").write_text(header + g2)
-  (meta / "ijbc_1N_probe_mixed.csv").write_text(header + probes)
+  (meta / f"{name}_1N_gallery_{gallery_1}.csv").write_text(header + g1)
+  (meta / f"{name}_1N_gallery_{gallery_2}.csv").write_text(header + g2)
+  (meta / f"{name}_1N_probe_mixed.csv").write_text(header + probes)
 
   return root
 

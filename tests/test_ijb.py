@@ -355,3 +355,14 @@ def test_an_unwritable_cache_says_which_flag_to_set(ijbc_root, tmp_path, mesh8):
   evaluator = ijb.IJBEvaluator(["ijbc"], options, image_size=16, batch_size=8, mesh=mesh8)
   with pytest.raises(errors.RunError, match="give --ijb_cache a writable folder with"):
     evaluator(ijb_fixture.toy_embed_fn()[0])
+
+
+def test_ijbb_reads_its_own_files_and_galleries_s1_s2(tmp_path, mesh8):
+  root = ijb_fixture.write_ijbc(tmp_path / "root", name="ijbb")
+  options = ijb.IJBOptions(root=str(root), cache_dir=str(tmp_path / "cache"))
+  result = ijb.IJBEvaluator(
+      ["ijbb"], options, image_size=ijb_fixture.EMBED_SIZE, batch_size=16, mesh=mesh8
+  )(ijb_fixture.toy_embed_fn()[0])
+  assert set(result.metrics) == {"ijbb", "ijbb_1n"}
+  assert result.metrics["ijbb"]["num_unusable_faces"] == 3
+  assert result.metrics["ijbb_1n"]["S1/num_mated"] == result.metrics["ijbb_1n"]["S2/num_mated"] == 5
