@@ -253,8 +253,7 @@ class IJBEvaluator:
     self._batch_size = batch_size
     self._mesh = mesh
     self._flip = flip
-    self.images_per_second = {}
-    self.faces_per_second = {}
+    self.faces_per_second = {}  # Of the alignment, for the sets whose cache this run built.
 
   def __call__(self, embed_fn) -> verification.EvaluationResult:
     metrics, curves = {}, {}
@@ -274,7 +273,6 @@ class IJBEvaluator:
           flip=self._flip,
           options=self._options,
       )
-      self.images_per_second[protocol.name] = images_per_second
       logging.info(
           "%s: embedded %d faces at %.1f images/s (flip %s).",
           protocol.name,

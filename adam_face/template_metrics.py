@@ -171,8 +171,9 @@ def pair_scores(
 
   Pairs are many (IJB-C: 15.7 million among 23,124 templates, 6% of all template pairs), so
   gathering two feature rows per pair would read 64 GB. Instead the Gram matrix of the templates
-  is computed a block of rows at a time (one matrix product on the mesh, its columns sharded over
-  the devices) and each pair's score is read from the block holding its first template.
+  is computed a block of rows at a time (one matrix product on the mesh, the block's rows sharded
+  over the devices) and each pair's score is read, on the devices, from the block holding its
+  first template.
   """
   rows_a, rows_b = templates.rows(first), templates.rows(second)
   num_templates = len(templates.ids)

@@ -62,6 +62,9 @@ def bench_scoring(mesh):
 
   first = rng.integers(0, NUM_TEMPLATES, NUM_PAIRS)
   second = rng.integers(0, NUM_TEMPLATES, NUM_PAIRS)
+  same_subject = np.flatnonzero(subject_of_template[first] == subject_of_template[second])
+  is_same = np.zeros(NUM_PAIRS, bool)
+  is_same[same_subject[:NUM_GENUINE]] = True
   probes = rng.choice(NUM_TEMPLATES, NUM_PROBES, replace=False)
   galleries = {
       name: rng.choice(NUM_TEMPLATES, size, replace=False) for name, size in GALLERY_SIZES.items()
@@ -77,9 +80,6 @@ def bench_scoring(mesh):
         templates,
         media,
     )
-    same_subject = np.flatnonzero(subject_of_template[first] == subject_of_template[second])
-    is_same = np.zeros(NUM_PAIRS, bool)
-    is_same[same_subject[:NUM_GENUINE]] = True
     scores = _timed(
         "score 15,658,489 template pairs", template_metrics.pair_scores, pooled, first, second, mesh
     )

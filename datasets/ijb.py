@@ -27,6 +27,8 @@ IJB_SETS = {
     "ijbb": ("IJBB", ("S1", "S2")),
     "ijbc": ("IJBC", ("G1", "G2")),
 }
+# The meta files of the 1:1 protocol, after the `<set>_` prefix; the 1:N files are optional.
+_ONE_TO_ONE_FILES = ("face_tid_mid", "name_5pts_score", "template_pair_label")
 _LAYOUT_HELP = (
     "adam_face reads insightface's IJB release layout: <root>/{folder}/loose_crop/*.jpg and "
     "<root>/{folder}/meta/{prefix}_face_tid_mid.txt, {prefix}_name_5pts_score.txt and "
@@ -124,9 +126,6 @@ def read_protocol(root: str, name: str) -> IJBProtocol:
   return IJBProtocol(
       name, image_dir, names, landmarks, scores, templates, media, pairs, galleries, probes
   )
-
-
-_ONE_TO_ONE_FILES = ("face_tid_mid", "name_5pts_score", "template_pair_label")
 
 
 def _read_face_list(path):

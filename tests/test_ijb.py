@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from adam_face import errors, ijb, report, template_metrics
+from adam_face import errors, ijb, report, template_metrics, verification_metrics
 from datasets import alignment
 from datasets import ijb as ijb_layout
 import ijb_fixture
@@ -128,7 +128,7 @@ def test_one_to_one_metrics_match_the_brute_force_with_ties():
   fars = (1e-3, 1e-2, 0.05, 1e-1, 0.5)
   metrics, (far_curve, tar_curve) = template_metrics.one_to_one_metrics(scores, is_same, fars)
   for far in fars:
-    label = template_metrics.verification_metrics.far_label(far)
+    label = verification_metrics.far_label(far)
     threshold, tar, achieved = brute_tar_at_far(scores, is_same, far)
     assert metrics[f"threshold@far={label}"] == threshold
     assert metrics[f"tar@far={label}"] == tar
@@ -165,7 +165,7 @@ def test_gallery_search_matches_the_brute_force_with_ties(mesh8):
     )
     assert metrics["rank-1"] == pytest.approx(rank1)
     assert metrics["rank-5"] == pytest.approx(rank5)
-    label = template_metrics.verification_metrics.far_label(fpir)
+    label = verification_metrics.far_label(fpir)
     assert metrics[f"tpir@fpir={label}"] == pytest.approx(tpir)
     assert metrics[f"fpir@fpir={label}"] <= fpir
   assert metrics["num_mated"] + metrics["num_non_mated"] == 90
@@ -253,7 +253,7 @@ def test_ijb_evaluation_matches_the_brute_force(ijbc_root, tmp_path, mesh8):
       and one_to_one["num_impostor"] == len(scores) - is_same.sum()
   )
   for far in FARS:
-    label = template_metrics.verification_metrics.far_label(far)
+    label = verification_metrics.far_label(far)
     _, tar, _ = brute_tar_at_far(scores, is_same, far)
     assert one_to_one[f"tar@far={label}"] == pytest.approx(tar), label
   # 1:N: G1 holds subjects 0-4, G2 subjects 5-9; every probe is mated in exactly one of them.
@@ -269,7 +269,7 @@ def test_ijb_evaluation_matches_the_brute_force(ijbc_root, tmp_path, mesh8):
           list(subjects),
           fpir,
       )
-      label = template_metrics.verification_metrics.far_label(fpir)
+      label = verification_metrics.far_label(fpir)
       assert one_to_n[f"{gallery_name}/tpir@fpir={label}"] == pytest.approx(tpir)
     assert one_to_n[f"{gallery_name}/rank-1"] == pytest.approx(rank1)
     assert one_to_n[f"{gallery_name}/rank-5"] == pytest.approx(rank5)
