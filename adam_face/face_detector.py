@@ -42,19 +42,20 @@ box's crop is the 0-based pixels x1 - 1 .. x2 - 1, x2 - x1 + 1 wide. A landmark 
 x1 - 1 + fraction * width, as the original and facenet-pytorch compute it from the box of the
 crop O-Net saw; read in pillow's continuous coordinates (pixel i spans [i, i + 1), its centre at
 i + 0.5), the ones datasets/alignment.align_face warps with, it is where the network puts the
-point: mirroring an image moves the landmarks to width - x, to 0.15 px on average (measured on
-LFW faces, tests/test_face_detector.py), which holds only in those coordinates.
+point: mirroring an image moves the landmarks to width - x, to within a fraction of a pixel
+(`pytest -s tests/test_face_detector.py` prints the mean offset on 20 LFW faces and asserts it
+under 0.3 px), which holds only in those coordinates.
 
 Where facenet-pytorch departs from the original design this follows the original: facenet-pytorch
 crops boxes truncated to whole pixels but regresses and places landmarks from the untruncated
-ones (its landmarks lie 0.56 px right and below these on average, 0.65 px right of the mirror
-symmetric position), and it clips crops at the image border and stretches what is left to 24x24
-or 48x48 instead of padding them. The pyramid's sizes are ceil(side * scale) (facenet-pytorch:
-int(side * scale + 1)), resized by area averaging (pillow's BOX filter; facenet-pytorch's 'area'
-interpolation). So detections agree with facenet-pytorch's to about a pixel, not exactly (on 30
-LFW faces pasted at two sizes: the same faces found, a landmark coordinate 0.84 px apart on
-average, 0.56 of it the offset above; one face got another box, its landmarks up to 8.7 px off);
-the networks agree to float rounding (tests/test_face_detector.py).
+ones (so its landmarks lie a fraction of a pixel right of and below these), and it clips crops
+at the image border and stretches what is left to 24x24 or 48x48 instead of padding them. The
+pyramid's sizes are ceil(side * scale) (facenet-pytorch: int(side * scale + 1)), resized by area
+averaging (pillow's BOX filter; facenet-pytorch's 'area' interpolation). So detections agree with
+facenet-pytorch's to about a pixel, not exactly (a one-off comparison with facenet-pytorch's own
+detect_face, run by hand and not kept in the repository, found the same faces on LFW faces pasted
+into photos, one of them with another box); the networks agree to float rounding
+(tests/test_face_detector.py).
 
 To compile few programs over images of many sizes, each pyramid level is padded at its bottom and
 right to a bucketed size (P-Net's outputs there are masked out and discarded, and its first
