@@ -10,11 +10,16 @@ So, as insightface's Partial FC does in PyTorch, every device holds the centres 
      target logit (which lives on exactly one device) is recovered with a psum.
 
 The full W and the full [B, C] logits never exist on one device; the backward pass of the
-all-gather is a reduce-scatter, which hands every device the gradient of its own embeddings. The
+all-gather is a reduce-scatter, which hands every device the gradient of its own embeddings.
+Nor do a shard's [B, C/N] logits where they would be large: each shard runs its softmax over
+chunks of its classes (`_class_sums`, an online log-sum-exp), and the backward pass recomputes a
+chunk's cosines instead of keeping them, so the temporaries are a chunk's (`CHUNK_ELEMENTS`).
+Each row's target cosine is looked up first (B centres, not the [B, C/N] product), because the
+margin's statistics, which CurricularFace's non-target logits read, come before the logits. The
 backbone is data-parallel over the same one-axis mesh (`MESH_AXIS`), so one mesh serves both.
 
-Class counts not divisible by N are padded up to `padded_num_classes`; padding classes get a logit
-of `_MASKED_LOGIT`, so they never win the arg-max, never take softmax mass, and receive no gradient.
+Class counts not divisible by N are padded up to `padded_num_classes`; padding classes are left out
+of every sum and arg-max, so they never win, never take softmax mass, and receive no gradient.
 
 Partial FC (`sample_rate` < 1): per step and per shard, every class that is a target of the global
 batch is kept and the remaining places are filled with negatives drawn uniformly at random without
@@ -35,6 +40,7 @@ costs memory only for what is sampled.)
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -43,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from adam_face import losses, margins
+from adam_face import margins
 
 MESH_AXIS = "data"
 _MASKED_LOGIT = -1e30
@@ -75,16 +81,46 @@ def centers_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(MESH_AXIS, None))
 
 
+# XLA's normal generator holds about three times its output in temporaries; a shard of centres
+# larger than this many values is drawn in blocks of _DRAW_BLOCK_ELEMENTS instead (see
+# random_centers).
+_WHOLE_DRAW_ELEMENTS = 1 << 26
+_DRAW_BLOCK_ELEMENTS = 1 << 24
+
+
 def random_centers(
     key: jax.Array,
     num_classes: int,
     embedding_dim: int,
-    num_shards: int,
+    mesh: Mesh,
     centers_per_class: int = 1,
 ) -> jax.Array:
-  """N(0, 0.01^2) class centres [C_pad * K, D] (K centres a class, class-major)."""
-  shape = (padded_num_classes(num_classes, num_shards) * centers_per_class, embedding_dim)
-  return 0.01 * jax.random.normal(key, shape, jnp.float32)
+  """N(0, 0.01^2) class centres [C_pad * K, D] (K centres a class, class-major), sharded by class.
+
+  Drawn as one array while a shard holds at most _WHOLE_DRAW_ELEMENTS values (256 MB). Beyond,
+  each shard draws its own rows, block after block, from fold_in(fold_in(key, shard), block)
+  into its buffer: the generator's temporaries are then a block's, not three times the shard
+  (which at 4 M classes on 8 host devices were 24 GB at once). The values of such a head depend
+  on the number of devices; their distribution does not.
+  """
+  rows = padded_num_classes(num_classes, mesh.size) * centers_per_class
+  per_shard = rows // mesh.size
+  if per_shard * embedding_dim <= _WHOLE_DRAW_ELEMENTS:
+    return 0.01 * jax.random.normal(key, (rows, embedding_dim), jnp.float32)
+  block = _DRAW_BLOCK_ELEMENTS // embedding_dim
+
+  def local_centers(key):
+    key = jax.random.fold_in(key, jax.lax.axis_index(MESH_AXIS))
+
+    def draw(b, centers):
+      values = 0.01 * jax.random.normal(jax.random.fold_in(key, b), (block, embedding_dim))
+      start = jnp.minimum(b * block, per_shard - block)  # The last block ends at the last row.
+      return jax.lax.dynamic_update_slice_in_dim(centers, values, start, 0)
+
+    centers = _varying_constant((per_shard, embedding_dim), jnp.float32)
+    return jax.lax.fori_loop(0, -(-per_shard // block), draw, centers)
+
+  return jax.shard_map(local_centers, mesh=mesh, in_specs=P(), out_specs=P(MESH_AXIS, None))(key)
 
 
 def init_centers(
@@ -92,7 +128,7 @@ def init_centers(
 ) -> jax.Array:
   """random_centers, created directly in their class-sharded layout."""
   init = jax.jit(
-      lambda k: random_centers(k, num_classes, embedding_dim, mesh.size, centers_per_class),
+      lambda k: random_centers(k, num_classes, embedding_dim, mesh, centers_per_class),
       out_shardings=centers_sharding(mesh),
   )
   return init(key)
@@ -104,13 +140,13 @@ def l2_normalize(x: jax.Array) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
 
-def _global_argmax(values: jax.Array, class_ids: jax.Array, sentinel: int) -> jax.Array:
-  """Arg-max over classes spread across shards; ties go to the smallest class id (jnp.argmax)."""
-  values = jax.lax.stop_gradient(values)
-  local_best = jnp.max(values, axis=-1)
-  local_arg = class_ids[jnp.argmax(values, axis=-1)]
-  best = jax.lax.pmax(local_best, MESH_AXIS)
-  return jax.lax.pmin(jnp.where(local_best == best, local_arg, sentinel), MESH_AXIS)
+def _global_best(
+    value: jax.Array, class_id: jax.Array, sentinel: int
+) -> tuple[jax.Array, jax.Array]:
+  """The best of every shard's (value, class id) per row; ties go to the smallest class id, as
+  jnp.argmax over the whole row would."""
+  best = jax.lax.pmax(jax.lax.stop_gradient(value), MESH_AXIS)
+  return best, jax.lax.pmin(jnp.where(value == best, class_id, sentinel), MESH_AXIS)
 
 
 def _batch_accuracy(pred: jax.Array, labels_local: jax.Array, shard: jax.Array) -> jax.Array:
@@ -218,6 +254,217 @@ def scatter_center_rows(
   )
 
 
+# The [B, columns] cosines, logits and their gradients exist for one chunk of a shard's classes at
+# a time, of at most this many elements (16 MB in float32), never for the whole shard; a shard of
+# up to twice that is left whole (see chunk_columns_for).
+CHUNK_ELEMENTS = 1 << 22
+_MIN_CHUNK_COLUMNS = 128  # Keeps the chunk's matmul wide enough to run at speed.
+
+
+def chunk_columns_for(batch_size: int, num_columns: int) -> int:
+  """Classes per chunk of `_class_sums` for a global batch of `batch_size` rows.
+
+  A shard whose [B, columns] cosines hold at most 2 * CHUNK_ELEMENTS is one chunk: several chunks
+  cost a second pass of the matmul in the backward pass, worth it only where it saves more.
+  Otherwise as wide as CHUNK_ELEMENTS allows, evened out over the chunks so that the last one
+  re-reads (overlaps) fewer columns than there are chunks.
+  """
+  if batch_size * num_columns <= 2 * CHUNK_ELEMENTS:
+    return num_columns
+  widest = min(num_columns, max(_MIN_CHUNK_COLUMNS, CHUNK_ELEMENTS // batch_size))
+  return -(-num_columns // -(-num_columns // widest))
+
+
+def _chunk_slice(i, block, class_ids, chunk):
+  """Chunk i of the shard's classes: its centres [chunk * K, D], class ids, and which of its
+  columns no earlier chunk has covered (the last chunk is moved back to end at the last class,
+  so it overlaps its predecessor instead of reading past the end)."""
+  k = block.shape[0] // class_ids.shape[0]
+  start = jnp.minimum(i * chunk, class_ids.shape[0] - chunk)
+  centers = jax.lax.dynamic_slice_in_dim(block, start * k, chunk * k)
+  ids = jax.lax.dynamic_slice_in_dim(class_ids, start, chunk)
+  fresh = start + jnp.arange(chunk) >= i * chunk
+  return start * k, centers, ids, fresh
+
+
+def _chunk_logits(
+    margin, compute_dtype, num_classes, emb_n, centers, ids, fresh, labels, state, cos_target
+):
+  """The chunk's cosines and non-target logits [B, chunk], with the masks of its target and its
+  negative columns (padding classes and columns an earlier chunk covered are in neither)."""
+  # The centres' inverse norms scale the matmul's columns (as l2_normalize would scale the
+  # rows): no normalised copy of the centres is made.
+  inverse_norms = jax.lax.rsqrt(jnp.maximum(jnp.sum(centers * centers, axis=-1), 1e-12))
+  cos = margin.pool_class_cosines(
+      jnp.dot(
+          emb_n.astype(compute_dtype),
+          centers.astype(compute_dtype).T,
+          preferred_element_type=jnp.float32,
+      )
+      * inverse_norms
+  )
+  counted = (fresh & (ids < num_classes))[None, :]
+  target = counted & (labels[:, None] == ids[None, :])
+  logits = margin.nontarget_logits(cos, cos_target=cos_target, state=state)
+  return cos, logits, target, counted & ~target
+
+
+def _sum_exp(logits, negative, row_max):
+  """sum over the negative columns of exp(logit - row_max), finite (and with a finite gradient)
+  whatever the masked columns hold."""
+  shifted = jnp.where(negative, logits, row_max[:, None]) - row_max[:, None]
+  return jnp.sum(jnp.where(negative, jnp.exp(shifted), 0.0), axis=-1)
+
+
+def _varying_constant(shape, dtype, fill=0):
+  """A constant marked as varying over the mesh: a loop's initial carry must be typed as its
+  body's result (which depends on the shard's centres) is."""
+  return jax.lax.pcast(jnp.full(shape, fill, dtype), MESH_AXIS, to="varying")
+
+
+def _running_best(best, best_id, values, ids):
+  """(best, best_id) updated with the chunk's row maxima; on ties the earlier (smaller) id stays."""
+  column = jnp.argmax(values, axis=-1)
+  value = jnp.take_along_axis(values, column[:, None], axis=-1)[:, 0]
+  better = value > best
+  return jnp.where(better, value, best), jnp.where(better, ids[column], best_id)
+
+
+def _initial_sums(batch, id_dtype):
+  """The running values of `_class_sums` before any chunk (see _add_chunk)."""
+  masked = _varying_constant(batch, jnp.float32, _MASKED_LOGIT)
+  zeros = _varying_constant(batch, jnp.float32)
+  no_id = _varying_constant(batch, id_dtype)
+  return masked, zeros, zeros, masked, no_id, masked, no_id
+
+
+def _add_chunk(head, i, chunk, emb_n, block, class_ids, labels, state, cos_target, sums):
+  """The running sums of `_class_sums` with chunk i of the shard's classes added."""
+  margin, compute_dtype, num_classes = head
+  row_max, sum_exp, cos_t, best_logit, best_logit_id, best_cos, best_cos_id = sums
+  _, centers, ids, fresh = _chunk_slice(i, block, class_ids, chunk)
+  cos, logits, target, negative = _chunk_logits(
+      margin, compute_dtype, num_classes, emb_n, centers, ids, fresh, labels, state, cos_target
+  )
+  cos_t = cos_t + jnp.sum(jnp.where(target, cos, 0.0), axis=-1)
+  # The running maximum only shifts the exponent: no gradient flows through it.
+  new_max = jax.lax.stop_gradient(
+      jnp.maximum(row_max, jnp.max(jnp.where(negative, logits, _MASKED_LOGIT), axis=-1))
+  )
+  sum_exp = sum_exp * jnp.exp(row_max - new_max) + _sum_exp(logits, negative, new_max)
+  best_logit, best_logit_id = _running_best(
+      best_logit, best_logit_id, jnp.where(negative, logits, _MASKED_LOGIT), ids
+  )
+  best_cos, best_cos_id = _running_best(
+      best_cos, best_cos_id, jnp.where(negative | target, cos, _MASKED_LOGIT), ids
+  )
+  return new_max, sum_exp, cos_t, best_logit, best_logit_id, best_cos, best_cos_id
+
+
+def _class_sums(head, chunk, emb_n, block, class_ids, labels, state, cos_target):
+  """One shard's share of the softmax, chunk by chunk over its classes (an online softmax).
+
+  Args:
+    head: (margin, compute_dtype, num_classes).
+    chunk: classes per chunk.
+    emb_n: [B, D] normalised embeddings of the global batch.
+    block: [columns * K, D] the shard's centres (all of them or Partial FC's rows).
+    class_ids: [columns] ascending class id of each (pooled) column.
+    state, cos_target: the margin's state and each row's target cosine (no gradient), which
+      non-target logits may read.
+
+  Returns per row [B]: the largest negative logit (no gradient), the sum of exp(negative logit -
+  that maximum), the target cosine if the target is on this shard (else 0), the best negative
+  logit and its class id, and the best cosine and its class id (the last four without gradient).
+  Differentiable in emb_n and block.
+  """
+  sums = _initial_sums(emb_n.shape[0], class_ids.dtype)
+  if chunk >= class_ids.shape[0]:
+    # One chunk: plain autodiff, which keeps the [B, columns] cosines for the backward pass.
+    return _add_chunk(head, 0, chunk, emb_n, block, class_ids, labels, state, cos_target, sums)
+  return _chunked_class_sums(head, chunk, emb_n, block, class_ids, labels, state, cos_target)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunked_class_sums(head, chunk, emb_n, block, class_ids, labels, state, cos_target):
+  """_class_sums over several chunks, whose backward pass recomputes each chunk's cosines rather
+  than keeping them: one more [B, D] x [D, chunk] product per chunk buys memory that does not
+  grow with B x columns. The block's gradient is written chunk by chunk into one buffer."""
+  return _chunked_class_sums_fwd(head, chunk, emb_n, block, class_ids, labels, state, cos_target)[0]
+
+
+def _chunked_class_sums_fwd(head, chunk, emb_n, block, class_ids, labels, state, cos_target):
+  sums = jax.lax.fori_loop(
+      0,
+      -(-class_ids.shape[0] // chunk),
+      lambda i, sums: _add_chunk(
+          head, i, chunk, emb_n, block, class_ids, labels, state, cos_target, sums
+      ),
+      _initial_sums(emb_n.shape[0], class_ids.dtype),
+  )
+  return sums, (emb_n, block, class_ids, labels, state, cos_target, sums[0])
+
+
+def _chunked_class_sums_bwd(head, chunk, residuals, cotangents):
+  margin, compute_dtype, num_classes = head
+  emb_n, block, class_ids, labels, state, cos_target, row_max = residuals
+  # The row maximum and the arg-maxes carry no gradient.
+  _, d_sum_exp, d_cos_t = cotangents[:3]
+
+  def body(i, carry):
+    d_emb, d_block = carry
+    offset, centers, ids, fresh = _chunk_slice(i, block, class_ids, chunk)
+
+    def sums(emb_n, centers):
+      cos, logits, target, negative = _chunk_logits(
+          margin,
+          compute_dtype,
+          num_classes,
+          emb_n,
+          centers,
+          ids,
+          fresh,
+          labels,
+          state,
+          cos_target,
+      )
+      return _sum_exp(logits, negative, row_max), jnp.sum(jnp.where(target, cos, 0.0), axis=-1)
+
+    _, pullback = jax.vjp(sums, emb_n, centers)
+    d_emb_chunk, d_centers = pullback((d_sum_exp, d_cos_t))
+    # Added, not written: the overlapping last chunk adds zeros to the columns it re-reads.
+    d_centers = jax.lax.dynamic_slice_in_dim(d_block, offset, centers.shape[0]) + d_centers
+    return d_emb + d_emb_chunk, jax.lax.dynamic_update_slice_in_dim(d_block, d_centers, offset, 0)
+
+  d_emb, d_block = jax.lax.fori_loop(
+      0,
+      -(-class_ids.shape[0] // chunk),
+      body,
+      (_varying_constant(emb_n.shape, emb_n.dtype), _varying_constant(block.shape, block.dtype)),
+  )
+  return d_emb, d_block, None, None, None, None
+
+
+_chunked_class_sums.defvjp(_chunked_class_sums_fwd, _chunked_class_sums_bwd)
+
+
+def _target_cosines_by_lookup(margin, compute_dtype, emb_n, block, class_ids, labels):
+  """Each row's cosine to its target class if that class is among this shard's columns, else 0:
+  the centres of the B targets looked up, not the whole [B, columns] product."""
+  k = block.shape[0] // class_ids.shape[0]
+  position = jnp.clip(jnp.searchsorted(class_ids, labels), 0, class_ids.shape[0] - 1)
+  centers = block.reshape(-1, k, block.shape[-1])[position]  # [B, K, D]
+  inverse_norms = jax.lax.rsqrt(jnp.maximum(jnp.sum(centers * centers, axis=-1), 1e-12))
+  cos = jnp.einsum(
+      "bd,bkd->bk",
+      emb_n.astype(compute_dtype),
+      centers.astype(compute_dtype),
+      preferred_element_type=jnp.float32,
+  )
+  cos = margin.pool_class_cosines(cos * inverse_norms)[:, 0]
+  return jnp.where(class_ids[position] == labels, cos, 0.0)
+
+
 def margin_head_loss(
     centers: jax.Array,
     embeddings: jax.Array,
@@ -230,6 +477,7 @@ def margin_head_loss(
     rows: jax.Array | None = None,
     key: jax.Array | None = None,
     compute_dtype: Any = jnp.float32,
+    chunk_columns: int | None = None,
 ):
   """Margin-softmax cross-entropy of a class-sharded head, for any margin method.
 
@@ -243,6 +491,9 @@ def margin_head_loss(
     key: PRNG key for margins that draw (ElasticFace).
     compute_dtype: dtype of the cosine matmul (accumulation is always float32; the float32 master
       centres are cast as they are, and their inverse norms scale the matmul's float32 result).
+    chunk_columns: classes per chunk of the softmax (default: chunk_columns_for the batch, so
+      that no [B, chunk] temporary exceeds CHUNK_ELEMENTS); the result does not depend on it
+      beyond float rounding.
 
   Returns:
     (loss, metrics, new_margin_state): metrics hold 'acc', 'acc_margin', the margin's own
@@ -283,45 +534,53 @@ def margin_head_loss(
       centers_local, rows_local, emb_local, labels_local, state, margin_key, feature_norm
   ):
     shard = jax.lax.axis_index(MESH_AXIS)
-    emb = jax.lax.all_gather(emb_local, MESH_AXIS, tiled=True)
+    emb_n = l2_normalize(jax.lax.all_gather(emb_local, MESH_AXIS, tiled=True))
     labels = jax.lax.all_gather(labels_local, MESH_AXIS, tiled=True)
     class_ids = shard * per_shard + rows_local
-    # The centres' inverse norms scale the matmul's columns (as l2_normalize would scale the
-    # rows): no normalised copy of the [C/N, D] block is made, one block less at the step's peak.
-    inverse_norms = jax.lax.rsqrt(
-        jnp.maximum(jnp.sum(centers_local * centers_local, axis=-1), 1e-12)
-    )
-    cos = margin.pool_class_cosines(
-        jnp.dot(
-            l2_normalize(emb).astype(compute_dtype),
-            centers_local.astype(compute_dtype).T,
-            preferred_element_type=jnp.float32,
+    # The batch's statistics come before its logits (CurricularFace's non-target logits read
+    # them), so each row's target cosine is looked up first; each lives on exactly one shard.
+    cos_target_now = jax.lax.stop_gradient(
+        jax.lax.psum(
+            _target_cosines_by_lookup(
+                margin, compute_dtype, emb_n, centers_local, class_ids, labels
+            ),
+            MESH_AXIS,
         )
-        * inverse_norms
     )
-    target_mask = labels[:, None] == class_ids[None, :]
-    real = (class_ids < num_classes)[None, :]
-    # Each row's target lives on exactly one shard; the psum hands its cosine to every shard.
-    cos_target = jax.lax.psum(losses.target_cosines(cos, target_mask), MESH_AXIS)
     # Every shard sees the same global cos_target and feature_norm, so the state stays replicated.
-    state = margin.update_statistics(state, cos_target=cos_target, feature_norm=feature_norm)
+    state = margin.update_statistics(state, cos_target=cos_target_now, feature_norm=feature_norm)
+    chunk = (
+        chunk_columns if chunk_columns else chunk_columns_for(emb_n.shape[0], rows_local.shape[0])
+    )
+    row_max, sum_exp, cos_t, best_logit, best_logit_id, best_cos, best_cos_id = _class_sums(
+        (margin, compute_dtype, num_classes),
+        chunk,
+        emb_n,
+        centers_local,
+        class_ids,
+        labels,
+        state,
+        cos_target_now,
+    )
+    # The target cosine again, from the chunks' products: this one carries the gradient.
+    cos_target = jax.lax.psum(cos_t, MESH_AXIS)
     # The same margin_key on every shard: a margin that draws gives each row one value.
     target = margin.target_logits(
         cos_target, state=state, feature_norm=feature_norm, key=margin_key
     )
-    # Per-row values, the same on every shard, meet this shard's [B, C/N] block below. Marked as
-    # varying while still [B]: else shard_map marks the broadcast [B, C/N] operand, and the
-    # backward pass all-reduces a [B, C/N] gradient instead of a [B] one.
-    as_varying = lambda x: jax.lax.pcast(x, MESH_AXIS, to="varying")  # noqa: E731
-    others = margin.nontarget_logits(cos, cos_target=as_varying(cos_target), state=state)
-    logits = jnp.where(
-        real, jnp.where(target_mask, as_varying(target)[:, None], others), _MASKED_LOGIT
+    # log-sum-exp over every class: the shards' negatives, then the target.
+    row_max = jax.lax.stop_gradient(row_max)
+    global_max = jax.lax.pmax(row_max, MESH_AXIS)
+    negatives = jax.lax.psum(sum_exp * jnp.exp(row_max - global_max), MESH_AXIS)
+    top = jnp.maximum(global_max, jax.lax.stop_gradient(target))
+    log_sum_exp = top + jnp.log(negatives * jnp.exp(global_max - top) + jnp.exp(target - top))
+    loss = jnp.mean(log_sum_exp - target) + margin.extra_loss(feature_norm)
+    best_negative, best_negative_id = _global_best(best_logit, best_logit_id, c_pad)
+    target_wins = (target > best_negative) | (
+        (target == best_negative) & (labels < best_negative_id)
     )
-    row_max = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), MESH_AXIS)
-    sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits - row_max[:, None]), axis=-1), MESH_AXIS)
-    loss = jnp.mean(jnp.log(sum_exp) + row_max - target) + margin.extra_loss(feature_norm)
-    pred_margin = _global_argmax(logits, class_ids, c_pad)
-    pred = _global_argmax(jnp.where(real, cos, _MASKED_LOGIT), class_ids, c_pad)
+    pred_margin = jnp.where(jax.lax.stop_gradient(target_wins), labels, best_negative_id)
+    _, pred = _global_best(best_cos, best_cos_id, c_pad)
     acc_margin = _batch_accuracy(pred_margin, labels_local, shard)
     metrics = {
         "acc": _batch_accuracy(pred, labels_local, shard),

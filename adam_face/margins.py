@@ -12,7 +12,9 @@ about kinds:
                                                  (CurricularFace's t, AdaFace's norm statistics),
                                                  as the papers' code does
   target_logits(cos_target, state, feature_norm, key)         [B]
-  nontarget_logits(cos, cos_target, state)                    [B, C], default s*cos
+  nontarget_logits(cos, cos_target, state)                    [B, C], default s*cos; the
+                                                 head hands it cos_target without gradient
+                                                 (and cos a chunk of the classes at a time)
   extra_loss(feature_norm)                       added to the loss (MagFace's regulariser)
   update_margin(state, acc_margin)               after the batch (auto-margin)
   metrics(state)                                 scalars to log (current margin, t, ...)

@@ -169,7 +169,7 @@ def create_train_state(
                 jax.random.fold_in(head_rng, k),
                 head.num_classes,
                 config.model.embedding_dim,
-                mesh.size,
+                mesh,
                 head.margin.centers_per_class,
             )
         }

@@ -115,7 +115,7 @@ def head_only_step(num_classes: int, rate: float, dtype: str, *, batch_size: int
     variables = model.init(rng, jnp.zeros((1, dim)))
     params = {
         "backbone": variables["params"],
-        "head": ({"centers": classifier.random_centers(rng, num_classes, dim, mesh.size)},),
+        "head": ({"centers": classifier.random_centers(rng, num_classes, dim, mesh)},),
     }
     return train_step.TrainState.create(
         apply_fn=model.apply,

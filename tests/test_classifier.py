@@ -103,9 +103,10 @@ def _sharded(mesh, centers, emb, labels, num_classes, margin, key=None, sample_r
   return loss, metrics, grads, np.asarray(sampled), state
 
 
-@pytest.mark.parametrize("num_classes", [24, 21])
+# (classes, chunk): 21 classes are 3 a shard, so chunks of 2 overlap (the last re-reads one).
+@pytest.mark.parametrize("num_classes, chunk", [(24, None), (21, None), (21, 2)])
 @pytest.mark.parametrize("name", list(MARGINS))
-def test_sharded_head_matches_single_device_reference(mesh8, name, num_classes):
+def test_sharded_head_matches_single_device_reference(mesh8, name, num_classes, chunk):
   margin = MARGINS[name]
   k = margin.centers_per_class
   key = jax.random.key(7)
@@ -114,7 +115,7 @@ def test_sharded_head_matches_single_device_reference(mesh8, name, num_classes):
       centers, emb, labels, num_classes, margin, jax.random.split(key)[1]
   )
   loss, metrics, (gw, ge), sampled, state = _sharded(
-      mesh8, centers, emb, labels, num_classes, margin, key
+      mesh8, centers, emb, labels, num_classes, margin, key, chunk_columns=chunk
   )
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-5)
   for name_ in ("acc", "acc_margin"):
@@ -185,6 +186,86 @@ def test_partial_fc_keeps_every_positive_and_the_configured_count(mesh8):
         centers[kept], emb, np.searchsorted(kept, labels), len(kept), MARGINS["cosface"]
     )
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+
+
+def test_chunked_partial_fc_equals_one_chunk(mesh8):
+  """Partial FC's sampled block in chunks (37 columns a shard, chunks of 8: the last overlaps)
+  gives the one-chunk loss, metrics and gradients."""
+  num_classes, rate = 2400, 0.12
+  assert classifier.num_sampled_per_shard(num_classes, 8, B, rate) == 36
+  centers, emb, labels = _problem(num_classes, 8, seed=2)
+  for name in ("arcface", "curricularface"):
+    args = (mesh8, centers, emb, labels, num_classes, MARGINS[name])
+    whole = _sharded(*args, sample_rate=rate, key=jax.random.key(5))
+    chunked = _sharded(*args, sample_rate=rate, key=jax.random.key(5), chunk_columns=8)
+    np.testing.assert_array_equal(whole[3], chunked[3])  # The same classes were sampled.
+    np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)
+    for key in ("acc", "acc_margin", "cos_target"):
+      np.testing.assert_allclose(chunked[1][key], whole[1][key], rtol=1e-6, atol=1e-7)
+    for a, b in zip(chunked[2], whole[2]):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_chunk_columns_even_out_and_bound_the_temporaries():
+  limit = classifier.CHUNK_ELEMENTS
+  assert classifier.chunk_columns_for(512, 10_000) == 10_000  # Within 2 x the limit: whole.
+  for batch, columns in [(512, 25_000), (512, 100_000), (4096, 250_000), (512, 2 * 8192 + 1)]:
+    chunk = classifier.chunk_columns_for(batch, columns)
+    num_chunks = -(-columns // chunk)
+    assert batch * chunk <= limit
+    assert num_chunks * chunk - columns < num_chunks, "the last chunk re-reads too much"
+
+
+def test_chunked_head_holds_no_full_logits():
+  """At C/N = 8192 classes and B = 64 the one-chunk head keeps [B, C/N] cosines for its backward
+  pass; in chunks of 512 the compiled gradient's temporaries are a fraction of that."""
+  mesh1 = classifier.create_mesh(jax.devices()[:1])
+  num_classes, batch, dim = 8192, 64, 64
+
+  def temp_bytes(chunk):
+    def loss(w, e, y):
+      return classifier.margin_head_loss(
+          w,
+          e,
+          y,
+          margins.ArcFace(),
+          {},
+          mesh=mesh1,
+          num_classes=num_classes,
+          chunk_columns=chunk,
+      )[0]
+
+    shapes = (
+        jax.ShapeDtypeStruct((num_classes, dim), jnp.float32),
+        jax.ShapeDtypeStruct((batch, dim), jnp.float32),
+        jax.ShapeDtypeStruct((batch,), jnp.int32),
+    )
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*shapes).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  logits_bytes = batch * num_classes * 4
+  whole, chunked = temp_bytes(None), temp_bytes(512)
+  assert whole >= logits_bytes
+  assert chunked < whole / 3 and chunked < logits_bytes, (whole, chunked)
+
+
+def test_large_heads_are_drawn_in_blocks(mesh8, monkeypatch):
+  """A shard over _WHOLE_DRAW_ELEMENTS values is drawn block by block: N(0, 0.01^2), every row
+  drawn (the last block overlaps its predecessor), shards and blocks independent; below it the
+  centres are jax.random.normal's, as always."""
+  key = jax.random.key(4)
+  small = classifier.init_centers(key, 24, D, mesh8)
+  np.testing.assert_allclose(small, 0.01 * jax.random.normal(key, (24, D)), rtol=1e-6)
+  monkeypatch.setattr(classifier, "_WHOLE_DRAW_ELEMENTS", 64 * D)
+  monkeypatch.setattr(classifier, "_DRAW_BLOCK_ELEMENTS", 48 * D)
+  centers = classifier.init_centers(key, 8 * 100, D, mesh8)  # 100 rows a shard: blocks of 48.
+  assert centers.sharding == classifier.centers_sharding(mesh8)
+  values = np.asarray(centers)
+  assert np.all(values != 0), "a row was left undrawn"
+  assert abs(values.std() - 0.01) < 0.001 and abs(values.mean()) < 0.001
+  shards = values.reshape(8, 100, D)
+  assert not np.allclose(shards[0], shards[1])
+  assert not np.allclose(shards[0, :48], shards[0, 48:96])
 
 
 def test_per_device_memory_of_head_is_one_eighth(mesh8):
