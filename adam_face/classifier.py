@@ -206,23 +206,36 @@ def gather_rows(centers: jax.Array, rows: jax.Array, mesh: Mesh) -> jax.Array:
   )(centers, rows)
 
 
-def scatter_rows(centers: jax.Array, rows: jax.Array, values: jax.Array, mesh: Mesh) -> jax.Array:
+def scatter_rows(
+    centers: jax.Array,
+    rows: jax.Array,
+    values: jax.Array,
+    mesh: Mesh,
+    write: jax.Array | None = None,
+) -> jax.Array:
   """centers with its `rows` (per shard, as from partial_fc_rows) replaced by `values`.
 
   An in-place update of each shard when `centers` is a donated buffer: nothing of size [C, D]
-  is allocated.
+  is allocated. `write`, a scalar bool, False leaves every row as it was: the rows are moved
+  past the end, where the scatter drops them.
   """
+  write = jnp.ones((), bool) if write is None else write
+
+  def local(w, r, v, write):
+    r = jnp.where(write, r, r + w.shape[0])
+    return w.at[r].set(v, mode="drop", indices_are_sorted=True, unique_indices=True)
+
   return jax.shard_map(
-      lambda w, r, v: w.at[r].set(v, indices_are_sorted=True, unique_indices=True),
+      local,
       mesh=mesh,
-      in_specs=(P(MESH_AXIS), P(MESH_AXIS), P(MESH_AXIS)),
+      in_specs=(P(MESH_AXIS), P(MESH_AXIS), P(MESH_AXIS), P()),
       out_specs=P(MESH_AXIS),
-  )(centers, rows, values)
+  )(centers, rows, values, write)
 
 
-def _map_center_leaves(fn, rows: Sequence[jax.Array | None], tree: Any, *rest: Any) -> Any:
-  """fn(leaf, *rest_leaves, rows[k]) on every 'centers' leaf of head k whose rows are not None;
-  every other leaf of `tree` passes through.
+def _map_leaves(fn, other, rows: Sequence[jax.Array | None], tree: Any, *rest: Any) -> Any:
+  """fn(leaf, *rest_leaves, rows[k]) on every 'centers' leaf of head k whose rows are not None
+  (the Partial FC blocks), other(leaf, *rest_leaves) on every other leaf of `tree`.
 
   The centres of head k are the 'centers' leaves under sequence index k: params['head'][k] and
   its mirrors in the optimiser state (momentum, Adam moments).
@@ -230,27 +243,51 @@ def _map_center_leaves(fn, rows: Sequence[jax.Array | None], tree: Any, *rest: A
 
   def apply(path, leaf, *rest_leaves):
     keys = [getattr(k, "key", None) for k in path]
-    if "centers" not in keys:
-      return leaf
-    position = keys.index("centers")
-    head_rows = rows[getattr(path[position - 1], "idx", 0) if position else 0]
-    return leaf if head_rows is None else fn(leaf, *rest_leaves, head_rows)
+    if "centers" in keys:
+      position = keys.index("centers")
+      head_rows = rows[getattr(path[position - 1], "idx", 0) if position else 0]
+      if head_rows is not None:
+        return fn(leaf, *rest_leaves, head_rows)
+    return other(leaf, *rest_leaves)
 
   return jax.tree_util.tree_map_with_path(apply, tree, *rest)
 
 
 def gather_center_rows(tree: Any, rows: Sequence[jax.Array | None], mesh: Mesh) -> Any:
-  """Every head's centres in `tree` (params or optimiser state) cut to its Partial FC rows."""
-  return _map_center_leaves(lambda leaf, r: gather_rows(leaf, r, mesh), rows, tree)
+  """Every head's centres in `tree` (params or optimiser state) cut to its Partial FC rows.
+
+  A block comes out as [N * num_sampled, 1, D]: that is the shape XLA gives a row scatter's
+  updates, so the optimiser's update of the block, computed in it, can overwrite the gathered
+  buffers in place before scatter_center_rows writes it back (a [rows, D] block would make XLA
+  hold the old and the new block side by side: one more block-sized buffer at the step's peak).
+  """
+  return _map_leaves(
+      lambda leaf, r: gather_rows(leaf, r, mesh)[:, None], lambda leaf: leaf, rows, tree
+  )
+
+
+def map_unsampled_leaves(fn, rows: Sequence[jax.Array | None], tree: Any, *rest: Any) -> Any:
+  """fn(leaf, *rest_leaves) on every leaf of `tree` but the Partial FC blocks, which pass
+  through."""
+  return _map_leaves(lambda leaf, *_: leaf, fn, rows, tree, *rest)
 
 
 def scatter_center_rows(
-    tree: Any, gathered: Any, rows: Sequence[jax.Array | None], mesh: Mesh
+    tree: Any,
+    gathered: Any,
+    rows: Sequence[jax.Array | None],
+    mesh: Mesh,
+    write: jax.Array | None = None,
 ) -> Any:
-  """The inverse of gather_center_rows: `tree` with the gathered rows written back."""
+  """The inverse of gather_center_rows: `tree` with the gathered rows written back (none of them
+  where `write` is False; see scatter_rows)."""
   # Every leaf but the sampled centres comes from `gathered`: it holds the new values.
-  return _map_center_leaves(
-      lambda part, leaf, r: scatter_rows(leaf, r, part, mesh), rows, gathered, tree
+  return _map_leaves(
+      lambda part, leaf, r: scatter_rows(leaf, r, part[:, 0], mesh, write),
+      lambda part, leaf: part,
+      rows,
+      gathered,
+      tree,
   )
 
 

@@ -228,7 +228,8 @@ def fused_margin_loss(
   rows = (None,) * len(heads) if rows is None else rows
   outputs = [
       classifier.margin_head_loss(
-          params["centers"],
+          # A Partial FC block comes as [rows, 1, D] (gather_center_rows): a free reshape.
+          params["centers"].reshape(-1, params["centers"].shape[-1]),
           emb,
           dataset_labels,
           head.margin,
@@ -343,15 +344,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]):
       return new
     return jnp.where(finite, new, old)
 
-  # The guard acts on the sampled block, before it is written back, so no [C, D] copy is made.
-  new_params = jax.tree.map(unless_finite_keep_old, new_params, params)
-  new_opt_state = jax.tree.map(
-      functools.partial(unless_finite_keep_old, counts_advance=True), new_opt_state, opt_state
+  # The Partial FC blocks are guarded by their write-back, which skips them when the step is not
+  # finite: a select would hold the old and the new block side by side (and a dense guard would
+  # copy [C, D]).
+  new_params = classifier.map_unsampled_leaves(unless_finite_keep_old, rows, new_params, params)
+  new_opt_state = classifier.map_unsampled_leaves(
+      functools.partial(unless_finite_keep_old, counts_advance=True), rows, new_opt_state, opt_state
   )
   new_state = state.replace(
       step=state.step + 1,
-      params=classifier.scatter_center_rows(state.params, new_params, rows, mesh),
-      opt_state=classifier.scatter_center_rows(state.opt_state, new_opt_state, rows, mesh),
+      params=classifier.scatter_center_rows(state.params, new_params, rows, mesh, write=finite),
+      opt_state=classifier.scatter_center_rows(
+          state.opt_state, new_opt_state, rows, mesh, write=finite
+      ),
       batch_stats=jax.tree.map(unless_finite_keep_old, batch_stats, state.batch_stats),
       margin_states=jax.tree.map(unless_finite_keep_old, margin_states, state.margin_states),
       rng=rng,

@@ -353,12 +353,17 @@ def main():
               f"{result['peak_bytes'] / 1e9:>8.2f} {floor / 1e9:>8.2f} "
               f"{result['peak_bytes'] / floor:>9.2f}x | "
               + (
-                  f"between steps {result['steady_bytes'] / 1e9:.2f} GB (live arrays "
-                  f"{result['live_bytes'] / 1e9:.2f}, after malloc_trim "
-                  f"{result['trimmed_bytes'] / 1e9:.2f}); "
+                  f"between steps {result['steady_bytes'] / 1e9:.2f} GB"
                   if result.get("steady_bytes")
                   else ""
               )
+              + (  # JAX's own split of what the process holds between steps.
+                  f" (live arrays {result['live_bytes'] / 1e9:.2f}, after malloc_trim "
+                  f"{result['trimmed_bytes'] / 1e9:.2f})"
+                  if result.get("trimmed_bytes")
+                  else ""
+              )
+              + ("; " if result.get("steady_bytes") else "")
               + (
                   f"step temporaries {result['temp_bytes_per_device'] / 1e6:.0f} MB/device; "
                   if "temp_bytes_per_device" in result

@@ -328,12 +328,8 @@ def _dense_reference_step(state, batch):
   return new_state.replace(params=params, opt_state=opt_state), loss
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_sampled_row_update_equals_the_dense_update(mesh8, optimizer):
-  """Three donated Partial FC steps of train_step (gradient and optimiser on the sampled rows
-  alone, written back in place) against the dense reference: the same losses and the same
-  parameters and optimiser state, every row of both heads, to 1e-6. The backbone is one Dense +
-  BatchNorm layer: the head is under test, and it compiles in seconds."""
+def _two_head_state(mesh, optimizer):
+  """A fused train state: head 0 uses all its 16 centres, head 1 samples 16 of 64 per shard."""
   config = tiny_demo_config(
       **{
           "loss": margins.loss_config("arcface", s=16.0, m=0.3),
@@ -345,29 +341,59 @@ def test_sampled_row_update_equals_the_dense_update(mesh8, optimizer):
       }
   )
   config.extra_datasets = ({"name": "image_folder", "weight": 1.0},)
-  num_classes = (16, 509)  # Head 0 uses all its centres, head 1 samples 16 of 64 per shard.
   state, shardings = train_step.create_train_state(
-      config, _DenseBackbone(config.model.embedding_dim), mesh8, num_classes, 10
+      config, _DenseBackbone(config.model.embedding_dim), mesh, (16, 509), 10
   )
-  reference = jax.device_get(state)
-  batch_sharding = jax.sharding.NamedSharding(mesh8, jax.sharding.PartitionSpec("data"))
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   step = jax.jit(train_step.train_step, in_shardings=(shardings, batch_sharding), donate_argnums=0)
+  return state, step, batch_sharding
+
+
+def _two_head_batch(rng, batch_sharding, scale=1.0):
+  labels = np.stack([rng.integers(0, 16, (8, 2)), rng.integers(0, 509, (8, 2))], axis=1)
+  return {
+      "image": jax.device_put(
+          (scale * rng.normal(size=(32, 32, 32, 3))).astype(np.float32), batch_sharding
+      ),
+      "label": jax.device_put(labels.reshape(32).astype(np.int32), batch_sharding),
+  }
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_sampled_row_update_equals_the_dense_update(mesh8, optimizer):
+  """Three donated Partial FC steps of train_step (gradient and optimiser on the sampled rows
+  alone, written back in place) against the dense reference: the same losses and the same
+  parameters and optimiser state, every row of both heads, to 1e-6. The backbone is one Dense +
+  BatchNorm layer: the head is under test, and it compiles in seconds."""
+  state, step, batch_sharding = _two_head_state(mesh8, optimizer)
+  reference = jax.device_get(state)
   reference_step = jax.jit(_dense_reference_step)
   rng = np.random.default_rng(1)
   for _ in range(3):
-    labels = np.stack([rng.integers(0, 16, (8, 2)), rng.integers(0, 509, (8, 2))], axis=1)
-    batch = {
-        "image": jax.device_put(
-            rng.normal(size=(32, 32, 32, 3)).astype(np.float32), batch_sharding
-        ),
-        "label": jax.device_put(labels.reshape(32).astype(np.int32), batch_sharding),
-    }
+    batch = _two_head_batch(rng, batch_sharding)
     state, metrics = step(state, batch)
     reference, reference_loss = reference_step(reference, batch)
     np.testing.assert_allclose(metrics["loss"], reference_loss, rtol=1e-6)
   got = jax.device_get((state.params, state.opt_state, state.batch_stats, state.margin_states))
   want = (reference.params, reference.opt_state, reference.batch_stats, reference.margin_states)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), got, want)
+
+
+def test_a_non_finite_partial_fc_step_changes_no_centre(mesh8):
+  """A batch of NaN images: the sampled blocks' write-back is skipped (their guard), so every
+  floating-point parameter, optimiser value and batch statistic of both heads and the backbone
+  is bit for bit what it was; the step and skipped_steps advance."""
+  state, step, batch_sharding = _two_head_state(mesh8, "sgd")
+  rng = np.random.default_rng(2)
+  state, _ = step(state, _two_head_batch(rng, batch_sharding))  # Momentum is non-zero now.
+  before = jax.device_get((state.params, state.opt_state, state.batch_stats))
+  state, metrics = step(state, _two_head_batch(rng, batch_sharding, scale=np.nan))
+  assert not bool(metrics["finite"]) and int(state.skipped_steps) == 1 and int(state.step) == 2
+  after = jax.device_get((state.params, state.opt_state, state.batch_stats))
+  floats = lambda tree: [x for x in jax.tree.leaves(tree) if x.dtype.kind == "f"]  # noqa: E731
+  # (The optimiser's step counts advance anyway, as train_step says.)
+  for a, b in zip(floats(after), floats(before), strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_synthetic_pairs_come_from_the_trained_synthetic_build(folder_tree):
