@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 from benchmarks import machine
 
@@ -34,16 +33,6 @@ FLAG_SETS = {
     "xnnpack": "--xla_cpu_experimental_xnn_fusion_type=dot",
     "ynnpack": "--xla_cpu_experimental_ynn_fusion_type=dot",
 }
-
-
-def _median_seconds(fn, steps):
-  fn()  # Compiles, or warms the library up.
-  times = []
-  for _ in range(steps):
-    started = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - started)
-  return sorted(times)[len(times) // 2]
 
 
 def jax_worker(classes, steps):
@@ -76,7 +65,7 @@ def jax_worker(classes, steps):
   out = {}
   for name, (fn, a, b) in variants.items():
     jitted = jax.jit(fn)
-    out[name] = _median_seconds(lambda: jitted(a, b).block_until_ready(), steps)
+    out[name] = machine.median_seconds(lambda: jitted(a, b).block_until_ready(), steps)
   return out
 
 
@@ -88,7 +77,7 @@ def torch_times(classes, steps):
   out = {}
   for name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
     a, b = x.to(dtype), w.to(dtype)
-    out[name] = _median_seconds(lambda: a @ b.T, steps)
+    out[name] = machine.median_seconds(lambda: a @ b.T, steps)
   return out
 
 

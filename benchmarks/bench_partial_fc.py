@@ -42,6 +42,10 @@ import time
 B, D, S, M = 512, 512, 64.0, 0.5
 MOMENTUM, WEIGHT_DECAY, LR = 0.9, 5e-4, 0.1
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # The workers run this file as a script.
+  sys.path.insert(0, REPO)
+
+from benchmarks import machine  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _status_bytes(field: str) -> int:
@@ -56,15 +60,6 @@ def _peak_rss_bytes() -> int:
 def _reset_peak_rss() -> None:
   with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
-
-
-def _median_seconds(step, steps: int) -> float:
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return sorted(times)[len(times) // 2]
 
 
 # ------------------------------------------------------------------------------ workers
@@ -157,7 +152,6 @@ def worker_jax(num_classes: int, rate: float, dtype: str, steps: int, platform_n
   if platform_name == "cpu":
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
-  sys.path.insert(0, REPO)
   import jax
 
   from adam_face import classifier
@@ -180,7 +174,7 @@ def worker_jax(num_classes: int, rate: float, dtype: str, steps: int, platform_n
     state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
 
-  seconds = _median_seconds(one_step, steps)
+  seconds = machine.median_seconds(one_step, steps, warm_up=False)
   live = sum(x.nbytes for x in jax.live_arrays())  # The state, the batch, the last metrics.
   trimmed = None
   if platform_name == "cpu":
@@ -257,7 +251,7 @@ def worker_torch(num_classes: int, rate: float, dtype: str, steps: int, device: 
   else:
     steady = _status_bytes("VmRSS")
     _reset_peak_rss()
-  seconds = _median_seconds(step, steps)
+  seconds = machine.median_seconds(step, steps, warm_up=False)
   peak = torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss_bytes()
   return {"seconds": seconds, "peak_bytes": peak, "steady_bytes": steady}
 
@@ -308,9 +302,6 @@ def main():
     run = worker_jax if impl == "jax" else worker_torch
     print(json.dumps(run(int(num_classes), float(rate), dtype, args.steps, where)))
     return
-  # Here, not at the top: the workers run this file as a script, without the package on the path.
-  from benchmarks import machine  # pylint: disable=g-import-not-at-top
-
   torch_available = importlib.util.find_spec("torch") is not None
   print(
       f"Partial FC step: B={B}, D={D}, ArcFace s={S} m={M}, SGD momentum {MOMENTUM} wd "
