@@ -1,8 +1,8 @@
 # Run:      python -m adam_face.main --config=configs/lfw_dev.py:adam --workdir=runs/lfw_dev_adam
 #           (any row of ROWS after the colon; benchmarks/real_faces.py runs them all)
 # Runtime:  about 45 s a row on a 2-core CPU once the data is built (up to 100 s with compilation).
-# Result:   LFW dev fold (600 pairs of people not in training), seeds 0-2: adam 83.11 ± 1.44 %
-#           accuracy, 77.44 % TAR@FAR=1e-1, AUC 0.906; every row's figures are in
+# Result:   LFW dev fold (600 pairs of people not in training), seeds 0-2: adam 82.72 ± 1.34 %
+#           accuracy, 76.22 % TAR@FAR=1e-1, AUC 0.908; every row's figures are in
 #           benchmarks/README.md ("Losses on real faces").
 """Real faces on a CPU: every loss on the same budget, trained on LFW people, verified on LFW dev.
 
