@@ -1,8 +1,8 @@
 # Run:      ./run.sh   (= python -m adam_face.main --config=configs/demo.py --workdir=runs/demo)
-# Runtime:  a few minutes on a 2-core CPU: 7 min 05 s on the development machine while another
-#           benchmark shared its cores (2026-11-30, synthetic_faces already built).
+# Runtime:  a few minutes on a 2-core CPU: 3 min 36 s on the development machine, nothing else
+#           running (2026-12-01, synthetic_faces already built).
 # Result:   verification on held-out synthetic identities (never seen in training); that run
-#           ended at 95.30 / 96.43 / 88.10 / 83.45 / 77.14 (acc / TAR@FAR=1e-1 / 1e-2 / 3e-3 /
+#           ended at 95.30 / 96.55 / 86.19 / 76.67 / 73.81 (acc / TAR@FAR=1e-1 / 1e-2 / 3e-3 /
 #           1e-3, benchmarks/README.md, "The demo").
 """The embedded default: ADAM (ADM + auto-margin) on synthetic_faces with the tiny backbone."""
 
