@@ -137,7 +137,13 @@ def init_centers(
 def l2_normalize(x: jax.Array) -> jax.Array:
   """Rows scaled to unit norm, in float32 (a zero row stays finite)."""
   x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+  return x * inverse_norms(x)[..., None]
+
+
+def inverse_norms(x: jax.Array) -> jax.Array:
+  """1 / |row| for each row of x (finite for a zero row): what l2_normalize multiplies by, and
+  what scales a matmul with raw centres into cosines without a normalised copy of them."""
+  return jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1), 1e-12))
 
 
 def _global_best(
@@ -312,6 +318,10 @@ def chunk_columns_for(batch_size: int, num_columns: int) -> int:
   return -(-num_columns // -(-num_columns // widest))
 
 
+def _num_chunks(class_ids, chunk):
+  return -(-class_ids.shape[0] // chunk)
+
+
 def _chunk_slice(i, block, class_ids, chunk):
   """Chunk i of the shard's classes: its centres [chunk * K, D], class ids, and which of its
   columns no earlier chunk has covered (the last chunk is moved back to end at the last class,
@@ -330,15 +340,17 @@ def _chunk_logits(
   """The chunk's cosines and non-target logits [B, chunk], with the masks of its target and its
   negative columns (padding classes and columns an earlier chunk covered are in neither)."""
   # The centres' inverse norms scale the matmul's columns (as l2_normalize would scale the
-  # rows): no normalised copy of the centres is made.
-  inverse_norms = jax.lax.rsqrt(jnp.maximum(jnp.sum(centers * centers, axis=-1), 1e-12))
+  # rows): no normalised copy of the centres is made. (Traced before the matmul: in the other
+  # order XLA:CPU's buffer assignment of the 2M-class step grows by a quarter of a block; see
+  # test_two_million_class_step_temporaries_stay_near_three_sampled_blocks.)
+  scale = inverse_norms(centers)
   cos = margin.pool_class_cosines(
       jnp.dot(
           emb_n.astype(compute_dtype),
           centers.astype(compute_dtype).T,
           preferred_element_type=jnp.float32,
       )
-      * inverse_norms
+      * scale
   )
   counted = (fresh & (ids < num_classes))[None, :]
   target = counted & (labels[:, None] == ids[None, :])
@@ -415,9 +427,9 @@ def _class_sums(head, chunk, emb_n, block, class_ids, labels, state, cos_target)
   logit and its class id, and the best cosine and its class id (the last four without gradient).
   Differentiable in emb_n and block.
   """
-  sums = _initial_sums(emb_n.shape[0], class_ids.dtype)
   if chunk >= class_ids.shape[0]:
     # One chunk: plain autodiff, which keeps the [B, columns] cosines for the backward pass.
+    sums = _initial_sums(emb_n.shape[0], class_ids.dtype)
     return _add_chunk(head, 0, chunk, emb_n, block, class_ids, labels, state, cos_target, sums)
   return _chunked_class_sums(head, chunk, emb_n, block, class_ids, labels, state, cos_target)
 
@@ -433,7 +445,7 @@ def _chunked_class_sums(head, chunk, emb_n, block, class_ids, labels, state, cos
 def _chunked_class_sums_fwd(head, chunk, emb_n, block, class_ids, labels, state, cos_target):
   sums = jax.lax.fori_loop(
       0,
-      -(-class_ids.shape[0] // chunk),
+      _num_chunks(class_ids, chunk),
       lambda i, sums: _add_chunk(
           head, i, chunk, emb_n, block, class_ids, labels, state, cos_target, sums
       ),
@@ -475,7 +487,7 @@ def _chunked_class_sums_bwd(head, chunk, residuals, cotangents):
 
   d_emb, d_block = jax.lax.fori_loop(
       0,
-      -(-class_ids.shape[0] // chunk),
+      _num_chunks(class_ids, chunk),
       body,
       (_varying_constant(emb_n.shape, emb_n.dtype), _varying_constant(block.shape, block.dtype)),
   )
@@ -491,14 +503,13 @@ def _target_cosines_by_lookup(margin, compute_dtype, emb_n, block, class_ids, la
   k = block.shape[0] // class_ids.shape[0]
   position = jnp.clip(jnp.searchsorted(class_ids, labels), 0, class_ids.shape[0] - 1)
   centers = block.reshape(-1, k, block.shape[-1])[position]  # [B, K, D]
-  inverse_norms = jax.lax.rsqrt(jnp.maximum(jnp.sum(centers * centers, axis=-1), 1e-12))
   cos = jnp.einsum(
       "bd,bkd->bk",
       emb_n.astype(compute_dtype),
       centers.astype(compute_dtype),
       preferred_element_type=jnp.float32,
   )
-  cos = margin.pool_class_cosines(cos * inverse_norms)[:, 0]
+  cos = margin.pool_class_cosines(cos * inverse_norms(centers))[:, 0]
   return jnp.where(class_ids[position] == labels, cos, 0.0)
 
 
