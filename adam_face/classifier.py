@@ -568,6 +568,11 @@ def margin_head_loss(
         f"centers has {centers.shape[0]} rows but Partial FC chose {rows.shape[0]}; pass "
         "gather_rows(centers, rows, mesh)."
     )
+  if chunk_columns is not None and chunk_columns < 1:
+    raise ValueError(
+        f"chunk_columns must be a positive number of classes, got {chunk_columns}; leave it "
+        "None for chunk_columns_for's choice."
+    )
   if embeddings.shape[0] % num_shards:
     raise ValueError(
         f"Global batch {embeddings.shape[0]} is not divisible by the {num_shards} "
@@ -597,9 +602,7 @@ def margin_head_loss(
     )
     # Every shard sees the same global cos_target and feature_norm, so the state stays replicated.
     state = margin.update_statistics(state, cos_target=cos_target_now, feature_norm=feature_norm)
-    chunk = (
-        chunk_columns if chunk_columns else chunk_columns_for(emb_n.shape[0], rows_local.shape[0])
-    )
+    chunk = chunk_columns or chunk_columns_for(emb_n.shape[0], rows_local.shape[0])
     row_max, sum_exp, cos_t, best_logit, best_logit_id, best_cos, best_cos_id = _class_sums(
         (margin, compute_dtype, num_classes),
         chunk,

@@ -323,6 +323,17 @@ def test_bad_batch_and_mismatched_rows_are_refused(mesh8):
           num_classes=24,
           rows=head_rows,
       )
+  with pytest.raises(ValueError, match="chunk_columns must be a positive number of classes, got 0"):
+    classifier.margin_head_loss(
+        centers,
+        jnp.zeros((16, D)),
+        jnp.zeros(16, jnp.int32),
+        margins.ArcFace(),
+        {},
+        mesh=mesh8,
+        num_classes=24,
+        chunk_columns=0,
+    )
   with pytest.raises(ValueError, match="sample_rate"):
     classifier.num_sampled_per_shard(24, 8, 16, 0.0)
 
