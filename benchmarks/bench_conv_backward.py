@@ -2,9 +2,12 @@
 
 On a CPU adam_face's train step loses to PyTorch's in the backward pass (see "What limits the CPU
 figures" in benchmarks/README.md). This times every convolution shape of the `tiny` backbone
-(iResNet units at 112x112, batch 64, float32) four ways, each the median of --steps calls:
+(iResNet units at 112x112, batch 64, float32) several ways, each the median of --steps calls:
 
   xla fwd / xla bwd   lax.conv_general_dilated and its jax.vjp (input and kernel gradients)
+  adam bwd            the same jax.vjp of adam_face.models.convolution.conv_general_dilated, the
+                      backbones' convolution: a 1x1 kernel as a matrix product, a strided 3x3
+                      kernel's input gradient by phases (see that module), otherwise XLA's
   xla dw              the kernel gradient alone (what the train step needs of the stem)
   patches dw          the kernel gradient as one matmul of dy with the input's patches
                       (lax.conv_general_dilated_patches)
@@ -14,7 +17,8 @@ figures" in benchmarks/README.md). This times every convolution shape of the `ti
 
 and each XLA row again under XLA:CPU's experimental library flags for convolutions (a subprocess
 per flag set). The kernel-gradient rewrites are what a custom VJP on the CPU backend could use;
-their maximum relative difference to XLA's gradient is printed too.
+their maximum relative difference to XLA's gradient is printed too (adam bwd's: to XLA's input
+and kernel gradients).
 
   python -m benchmarks.bench_conv_backward [--batch 64] [--steps 5]
 """
@@ -72,12 +76,19 @@ def jax_worker(batch, steps):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
+  from adam_face.models import convolution  # pylint: disable=g-import-not-at-top
+
   rows = []
   for size, cin, cout, kernel, stride in SHAPES:
     pad = kernel // 2
 
     def conv(x, w, stride=stride, pad=pad):
       return lax.conv_general_dilated(
+          x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=_DIMENSIONS
+      )
+
+    def adam_conv(x, w, stride=stride, pad=pad):
+      return convolution.conv_general_dilated(
           x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=_DIMENSIONS
       )
 
@@ -110,11 +121,19 @@ def jax_worker(batch, steps):
     forward = jax.jit(conv)
     dy = 0.1 * jnp.ones_like(forward(x, w))
     backward = jax.jit(lambda x, w, dy: jax.vjp(conv, x, w)[1](dy))
+    adam_backward = jax.jit(lambda x, w, dy: jax.vjp(adam_conv, x, w)[1](dy))
     xla_dw = jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])
     reference = xla_dw(x, w, dy)
     row = {
         "xla fwd": machine.median_seconds(lambda: forward(x, w).block_until_ready(), steps),
         "xla bwd": machine.median_seconds(lambda: jax.block_until_ready(backward(x, w, dy)), steps),
+        "adam bwd": machine.median_seconds(
+            lambda: jax.block_until_ready(adam_backward(x, w, dy)), steps
+        ),
+        "adam error": max(
+            float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+            for a, b in zip(adam_backward(x, w, dy), backward(x, w, dy))
+        ),
         "xla dw": machine.median_seconds(lambda: xla_dw(x, w, dy).block_until_ready(), steps),
     }
     for name, rewrite in (("patches", patches_dw), ("shifted", shifted_dw), ("im2col", im2col_dw)):
@@ -178,7 +197,7 @@ def main():
   except subprocess.CalledProcessError:
     print("(PyTorch is not installed: no torch column)")
   default = results["default"]
-  columns = ["xla fwd", "xla bwd", "xla dw", "patches dw", "shifted dw", "im2col dw"]
+  columns = ["xla fwd", "xla bwd", "adam bwd", "xla dw", "patches dw", "shifted dw", "im2col dw"]
   header = f"{'layer':<18}" + "".join(f"{c:>12}" for c in columns) + f"{'torch bwd':>12}"
   print(header)
   print("-" * len(header))
@@ -197,10 +216,10 @@ def main():
   print(f"{'total':<18}" + "".join(f"{1e3 * totals[c]:>12.1f}" for c in totals if totals[c]))
   worst = {
       name: max(row[f"{name} error"] for row in default)
-      for name in ("patches", "shifted", "im2col")
+      for name in ("adam", "patches", "shifted", "im2col")
   }
   print(
-      "largest relative difference to XLA's kernel gradient: "
+      "largest relative difference to XLA's gradients: "
       + ", ".join(f"{name} {error:.1e}" for name, error in worst.items())
   )
   print("\nXLA:CPU flag sets (totals over the layers, ms):")
@@ -209,6 +228,7 @@ def main():
       print(
           f"  {name:<8} fwd {1e3 * sum(r['xla fwd'] for r in rows):7.1f}   "
           f"bwd {1e3 * sum(r['xla bwd'] for r in rows):7.1f}   "
+          f"adam bwd {1e3 * sum(r['adam bwd'] for r in rows):7.1f}   "
           f"dw {1e3 * sum(r['xla dw'] for r in rows):7.1f}"
       )
   with open(args.out, "w") as f:

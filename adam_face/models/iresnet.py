@@ -21,6 +21,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from adam_face.models import convolution
+
 # PyTorch's BatchNorm momentum 0.1 is flax's 0.9 (flax keeps 0.9 of the old average).
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
@@ -30,6 +32,18 @@ BN_EPSILON = 1e-5
 # fan_out that flax (and PyTorch) computes is h*w*C instead of h*w, which would shrink
 # MobileFaceNet's activations ~sqrt(C)-fold at every depthwise layer before BN statistics exist.
 CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def conv_layer(dtype: Any) -> functools.partial:
+  """Bias-free nn.Conv in `dtype`, He-initialised, with convolution.conv_general_dilated (which
+  takes a strided layer's input gradient by phases on the CPU)."""
+  return functools.partial(
+      nn.Conv,
+      use_bias=False,
+      dtype=dtype,
+      kernel_init=CONV_INIT,
+      conv_general_dilated=convolution.conv_general_dilated,
+  )
 
 
 def batch_norm(train: bool, dtype: Any, **kwargs) -> functools.partial:
@@ -86,7 +100,7 @@ class IRUnit(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=CONV_INIT)
+    conv = conv_layer(self.dtype)
     norm = batch_norm(train, self.dtype)
     # Explicit 1-pixel padding (as PyTorch's padding=1): with 'SAME', flax pads an even-sized
     # input only at the end for stride 2, which would misalign the 3x3 windows with the 1x1
@@ -152,15 +166,7 @@ class IResNet(nn.Module):
     if min(self.stage_depths) < 1:
       raise ValueError(f"Every stage needs at least one unit, got depths {self.stage_depths}.")
     x = images.astype(self.dtype)
-    x = nn.Conv(
-        self.stage_widths[0],
-        (3, 3),
-        padding=1,
-        use_bias=False,
-        dtype=self.dtype,
-        kernel_init=CONV_INIT,
-        name="stem_conv",
-    )(x)
+    x = conv_layer(self.dtype)(self.stage_widths[0], (3, 3), padding=1, name="stem_conv")(x)
     x = batch_norm(train, self.dtype)(name="stem_bn")(x)
     x = PReLU(name="stem_prelu")(x)
     for stage, (depth, width) in enumerate(zip(self.stage_depths, self.stage_widths), start=1):

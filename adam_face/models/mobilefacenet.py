@@ -33,7 +33,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from adam_face.models.iresnet import CONV_INIT, PReLU, batch_norm, check_images
+from adam_face.models.iresnet import CONV_INIT, PReLU, batch_norm, check_images, conv_layer
 
 # (expansion factor t, output channels c, repeats n, stride of the first repeat s): Table 1.
 BOTTLENECKS = ((2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1))
@@ -163,7 +163,11 @@ def _shifted_depthwise_conv_bwd(strides, padding, residuals, cotangent):
   Where the input gradient feeds several fusions (BatchNorm's and PReLU's backward), XLA:CPU
   writes each of those copies to memory rather than their sum. Here the input gradient is the
   transposed convolution, itself a shifted sum: the cotangent dilated by the stride, padded
-  back to the input's size and correlated with the flipped kernel.
+  back to the input's size and correlated with the flipped kernel. The kernel gradient is
+  summed image by image (a scan): each tap's product with the cotangent reduced over the whole
+  batch at once read the batch from memory kh*kw times, and XLA:CPU's reductions that keep the
+  channel axis are slow; one image's taps stay in cache (MobileFaceNet's fwd+bwd: see
+  "Full train step" in benchmarks/README.md).
   """
   x, kernel = residuals
   kernel_h, kernel_w = kernel.shape[:2]
@@ -183,12 +187,18 @@ def _shifted_depthwise_conv_bwd(strides, padding, residuals, cotangent):
   )
   x_grad = _correlate(dilated, weights[::-1, ::-1], 1)
   padded = _pad_spatial(x.astype(accumulate), padding)
-  kernel_grad = jnp.stack(
-      [
-          jnp.sum(_window(padded, i, j, out_h, out_w, strides) * cotangent, axis=(0, 1, 2))
-          for i in range(kernel_h)
-          for j in range(kernel_w)
-      ]
+
+  def add_image(total, image):
+    image_padded, image_cotangent = (a[None] for a in image)
+    taps = [
+        jnp.sum(_window(image_padded, i, j, out_h, out_w, strides) * image_cotangent, (0, 1, 2))
+        for i in range(kernel_h)
+        for j in range(kernel_w)
+    ]
+    return total + jnp.stack(taps), None
+
+  kernel_grad, _ = lax.scan(
+      add_image, jnp.zeros((kernel_h * kernel_w, x.shape[3]), accumulate), (padded, cotangent)
   )
   return x_grad.astype(x.dtype), kernel_grad.reshape(kernel.shape).astype(kernel.dtype)
 
@@ -234,7 +244,7 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=CONV_INIT)
+    conv = conv_layer(self.dtype)
     norm = batch_norm(train, self.dtype)
     hidden = x.shape[-1] * self.expansion
     y = conv(hidden, (1, 1), name="expand_conv")(x)
@@ -273,7 +283,7 @@ class MobileFaceNet(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False):
     check_images(images)
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=CONV_INIT)
+    conv = conv_layer(self.dtype)
     norm = batch_norm(train, self.dtype)
     x = images.astype(self.dtype)
     groups = self.stem_width if self.stem_groups is None else self.stem_groups
