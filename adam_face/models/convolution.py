@@ -1,27 +1,39 @@
-"""Convolutions whose strided input gradient XLA:CPU runs fast: one convolution per output phase.
+"""The backbones' convolution, rewritten on the CPU where XLA:CPU differentiates it slowly.
 
-The input gradient of a convolution with stride s is, as JAX differentiates it, a convolution of
-the cotangent dilated by s (zeros between its pixels, `lhs_dilation`). XLA:CPU runs that form
-many times slower than the forward convolution: 56 ms against 7 ms for the tiny iResNet's first
-strided layer (3x3, 8 channels, 112x112, batch 64; `python -m benchmarks.bench_conv_backward`,
-"xla dx" against "phases dx"), most of the gap between adam_face's CPU train step and PyTorch's.
+`conv_general_dilated` is a drop-in for lax.conv_general_dilated (nn.Conv's
+`conv_general_dilated=` attribute) with the same values and gradients. On the CPU backend, for a
+2-D NHWC x HWIO convolution without dilation or groups, it takes two forms that XLA:CPU runs
+several times faster in the backward pass; everything else, and every other backend (cuDNN and
+XLA:TPU differentiate these well), is lax's own. Figures: `python -m benchmarks.bench_conv_backward`
+("xla bwd" against "adam bwd", input and kernel gradients of one layer of the tiny iResNet,
+batch 64), 2026-12-01, benchmarks/README.md.
 
-The same gradient needs no dilation. Along one axis, input pixel i gets the cotangent of output o
-through tap k exactly when s*o + k = i + pad_low; writing i + pad_low = s*q + r (0 <= r < s), the
-taps that reach it are k = r + s*j, from outputs o = q - j. So the pixels of phase r are a
-stride-1 correlation of the cotangent with the taps r, r + s, r + 2s, ... of the kernel, flipped.
+* A 1x1 kernel without padding (iResNet's stride-2 shortcut, MobileFaceNet's expand and project
+  layers) is a matrix product over the channels of the input, subsampled first where strided
+  (`pointwise_conv`). XLA:CPU computes a 1x1 convolution's kernel gradient as a convolution,
+  several times slower than the matrix product autodiff gives here (the shortcut: 42.6 ms
+  against 12.0).
+* A strided kernel larger than its stride (the 3x3 stride-2 convolution that opens each iResNet
+  stage, MobileFaceNet's stem) keeps XLA's forward pass and kernel gradient, and takes its input
+  gradient by phases (`strided_conv`). JAX's input gradient of a stride-s convolution is a
+  convolution of the cotangent dilated by s (`lhs_dilation`), which XLA:CPU runs up to 8x slower
+  than the forward pass (the first stage's: 86.0 ms against 43.2 for the whole backward, of
+  which the kernel gradient, the same in both, is 36.0).
+
+The phases need no dilation. Along one axis, input pixel i gets the cotangent of output o through
+tap k exactly when s*o + k = i + pad_low; writing i + pad_low = s*q + r (0 <= r < s), the taps
+that reach it are k = r + s*j, from outputs o = q - j. So the pixels of phase r are a stride-1
+correlation of the cotangent with the taps r, r + s, r + 2s, ... of the kernel, flipped.
 `phase_input_gradient` runs all s*s phases (both axes) as one stride-1 convolution whose output
 channels are the phases' (kernels zero-padded to ceil(k/s) taps), then interleaves the phases
 back into rows and columns ("depth to space"). Its work is the forward pass's, times
-(s*ceil(k/s)/k)^2 for the padding taps (16/9 for 3x3, stride 2).
+(s*ceil(k/s)/k)^2 for the padding taps (16/9 for 3x3, stride 2). A 1x1 strided kernel is not
+taken by phases (one of its s*s phases is non-zero) but as a matrix product.
 
-`conv_general_dilated` is a drop-in for lax.conv_general_dilated (nn.Conv's
-`conv_general_dilated=` attribute), used by the backbones: on the CPU, for a 2-D NHWC x HWIO
-convolution with a stride below the kernel size, no dilation and no groups, it keeps XLA's
-forward pass and kernel gradient and takes the input gradient by phases; everything else, and
-every other backend (cuDNN and XLA:TPU have fast strided gradients), is lax's. A 1x1 strided
-kernel keeps lax's gradient: only one of its s*s phases is non-zero, and XLA:CPU's own form was
-faster there.
+Tried and not kept (bench_conv_backward's other columns): the kernel gradient as matrix products
+over patches, shifted windows or an explicit im2col loses at the large 112x112 and 56x56 maps,
+where the time is; so does the whole strided convolution as a stride-1 one over the input's
+space-to-depth rearrangement (ad hoc: XLA:CPU's rearrangement cost more than it saved).
 """
 
 import functools
@@ -128,15 +140,18 @@ def _cpu_rewrite(
     rhs,
     window_strides,
     padding,
-    lhs_dilation,
-    rhs_dilation,
-    dimension_numbers,
-    feature_group_count,
-    batch_group_count,
-    preferred_element_type,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
 ):
   """("pointwise" or "phases", explicit padding) for a convolution XLA:CPU differentiates
-  slowly (see the module docstring); None for lax's own."""
+  slowly (see the module docstring); None for lax's own. Takes lax.conv_general_dilated's
+  arguments."""
+  del precision  # The rewrites pass it on.
   if jax.default_backend() != "cpu" or lhs.ndim != 4 or preferred_element_type is not None:
     return None
   if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != _NHWC:
@@ -157,47 +172,14 @@ def _cpu_rewrite(
   return None
 
 
-def conv_general_dilated(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count=1,
-    batch_group_count=1,
-    precision=None,
-    preferred_element_type=None,
-):
-  """lax.conv_general_dilated, rewritten on the CPU where XLA:CPU differentiates it slowly."""
-  rewrite = _cpu_rewrite(
-      lhs,
-      rhs,
-      window_strides,
-      padding,
-      lhs_dilation,
-      rhs_dilation,
-      dimension_numbers,
-      feature_group_count,
-      batch_group_count,
-      preferred_element_type,
-  )
-  if rewrite is not None:
-    kind, explicit_padding = rewrite
-    if kind == "pointwise":
-      return pointwise_conv(lhs, rhs, tuple(window_strides), precision)
-    return strided_conv(lhs, rhs, tuple(window_strides), explicit_padding, precision)
-  return lax.conv_general_dilated(
-      lhs,
-      rhs,
-      window_strides,
-      padding,
-      lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count,
-      batch_group_count=batch_group_count,
-      precision=precision,
-      preferred_element_type=preferred_element_type,
-  )
+def conv_general_dilated(lhs, rhs, window_strides, padding, **options):
+  """lax.conv_general_dilated (the same arguments), rewritten on the CPU where XLA:CPU
+  differentiates it slowly."""
+  rewrite = _cpu_rewrite(lhs, rhs, window_strides, padding, **options)
+  if rewrite is None:
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
+  kind, explicit_padding = rewrite
+  precision = options.get("precision")
+  if kind == "pointwise":
+    return pointwise_conv(lhs, rhs, tuple(window_strides), precision)
+  return strided_conv(lhs, rhs, tuple(window_strides), explicit_padding, precision)

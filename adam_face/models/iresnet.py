@@ -35,8 +35,8 @@ CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 def conv_layer(dtype: Any) -> functools.partial:
-  """Bias-free nn.Conv in `dtype`, He-initialised, with convolution.conv_general_dilated (which
-  takes a strided layer's input gradient by phases on the CPU)."""
+  """Bias-free nn.Conv in `dtype`, He-initialised, computed by convolution.conv_general_dilated:
+  the same parameters and values, with the CPU rewrites of the strided and 1x1 layers."""
   return functools.partial(
       nn.Conv,
       use_bias=False,

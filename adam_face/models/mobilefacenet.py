@@ -16,6 +16,8 @@ computes in `dtype`, the embedding projection and its BN in float32.
 
 Depthwise convolutions run as sums of shifted multiply-adds on the CPU (see DepthwiseConv): XLA:CPU
 computes grouped convolutions, and their gradients above all, several times slower than that.
+The dense convolutions go through adam_face.models.convolution, which runs the 1x1 ones as
+matrix products on the CPU.
 
 The same module, with other widths, expansion factors and a grouped stem convolution, is
 arcface_torch's "mbf" (MBF_BOTTLENECKS; registered as "mobilefacenet_mbf").
