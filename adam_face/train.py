@@ -359,6 +359,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if step != last_saved:
       checkpoints.save(step, state, config)
     checkpoints.wait()
+  except Exception:
+    # A full disk often fails the pending asynchronous checkpoint first and a later write (the
+    # metric writer's) before that failure is seen: report the checkpoint's, which names the
+    # last good one to resume from; the later error stays chained to it.
+    checkpoints.wait()
+    raise
   finally:
     preemption.restore()
     checkpoints.close()

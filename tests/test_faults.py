@@ -1,6 +1,7 @@
 """Fault injection: damaged data, checkpoints, divergence and device-count changes, each met with
 either a recovery or one clear error (run alone with `pytest -m faults`)."""
 
+import errno
 import json
 import logging
 import os
@@ -325,10 +326,26 @@ def test_sigkill_during_an_async_save_is_never_resumed_from(reference, tmp_path)
   _assert_same_arrays(_arrays(workdir)[1], reference[1])
 
 
-def test_full_disk_during_a_checkpoint_stops_and_keeps_the_previous(tmp_path, monkeypatch):
+@pytest.mark.parametrize("metrics_fail_first", [False, True])
+def test_full_disk_during_a_checkpoint_stops_and_keeps_the_previous(
+    tmp_path, monkeypatch, metrics_fail_first
+):
   """Writes beyond 4 KiB fail (RLIMIT_FSIZE, as a full disk fails them) from the second save on:
-  the run stops with one line naming the step and the intact checkpoint, which still restores."""
+  the run stops with one line naming the step and the intact checkpoint, which still restores.
+  Also when a later write (the metric writer's at step 8) fails before the asynchronous save's
+  failure is seen, as it sometimes did under load: the checkpoint's error is still reported."""
   workdir = tmp_path / "full"
+  metric_errors = []
+  if metrics_fail_first:
+    real_write = train._write_train_metrics  # pylint: disable=protected-access
+
+    def write_onto_a_full_disk(writer, step, *args):
+      if step == 8:
+        metric_errors.append(OSError(errno.EFBIG, "File too large"))
+        raise metric_errors[-1]
+      return real_write(writer, step, *args)
+
+    monkeypatch.setattr(train, "_write_train_metrics", write_onto_a_full_disk)
   real_save, saves = checkpointing.Checkpoints.save, []
   limits = resource.getrlimit(resource.RLIMIT_FSIZE)
   previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not a signal.
@@ -351,6 +368,12 @@ def test_full_disk_during_a_checkpoint_stops_and_keeps_the_previous(tmp_path, mo
   assert "\n" not in message
   assert message.startswith("Could not write the checkpoint of step 6 to ")
   assert "The last good checkpoint is step 3 in " in message
+  chain, cause = [], error.value
+  while cause is not None:
+    chain.append(cause)
+    cause = cause.__cause__ or cause.__context__
+  assert all(e in chain for e in metric_errors), "the metric writer's error stays chained"
+  assert len(metric_errors) == metrics_fail_first
   step, arrays = _arrays(workdir)
   assert step == 3 and all(np.isfinite(x).all() for x in arrays.values() if x.dtype.kind == "f")
 
