@@ -1,14 +1,18 @@
 """Benchmark: the convolutions' backward pass on a CPU, XLA:CPU against PyTorch, layer by layer.
 
 On a CPU adam_face's train step loses to PyTorch's in the backward pass (see "What limits the CPU
-figures" in benchmarks/README.md). This times every convolution shape of the `tiny` backbone
-(iResNet units at 112x112, batch 64, float32) several ways, each the median of --steps calls:
+figures" in benchmarks/README.md). This times every convolution shape of a backbone (--layers:
+the `tiny` iResNet's, batch 64 by default, or iresnet50's, batch 8; 112x112 float32 inputs)
+several ways, each the median of --steps calls:
 
   xla fwd / xla bwd   lax.conv_general_dilated and its jax.vjp (input and kernel gradients)
   adam bwd            the same jax.vjp of adam_face.models.convolution.conv_general_dilated, the
                       backbones' convolution: a 1x1 kernel as a matrix product, a strided 3x3
-                      kernel's input gradient by phases (see that module), otherwise XLA's
+                      kernel's input gradient by phases, the kernel gradient by
+                      patch_kernel_gradient from PATCH_GRADIENT_MIN_CHANNELS input channels
+                      (see that module), otherwise XLA's
   xla dw              the kernel gradient alone (what the train step needs of the stem)
+  adam dw             convolution.patch_kernel_gradient alone, whatever the channels
   patches dw          the kernel gradient as one matmul of dy with the input's patches
                       (lax.conv_general_dilated_patches)
   shifted dw          ... as k*k matmuls of dy with strided windows of the padded input
@@ -20,7 +24,8 @@ per flag set). The kernel-gradient rewrites are what a custom VJP on the CPU bac
 their maximum relative difference to XLA's gradient is printed too (adam bwd's: to XLA's input
 and kernel gradients).
 
-  python -m benchmarks.bench_conv_backward [--batch 64] [--steps 5]
+  python -m benchmarks.bench_conv_backward [--layers tiny] [--batch 64] [--steps 5]
+  python -m benchmarks.bench_conv_backward --layers iresnet50        # batch 8
 """
 
 import argparse
@@ -31,8 +36,12 @@ import sys
 
 from benchmarks import machine
 
-# (input size, in channels, out channels, kernel, stride): the tiny iResNet's convolutions.
-SHAPES = (
+# (input size, in channels, out channels, kernel, stride) of every distinct convolution of a
+# backbone at 112x112 (the stem; each stage's first unit: 3x3 conv, strided 3x3 conv, strided 1x1
+# shortcut; the stage's other units' 3x3), and the default batch of each.
+LAYERS = {}
+LAYERS["tiny"] = (
+    (112, 3, 8, 3, 1),
     (112, 8, 8, 3, 1),
     (112, 8, 8, 3, 2),
     (112, 8, 8, 1, 2),
@@ -43,6 +52,26 @@ SHAPES = (
     (14, 32, 64, 3, 1),
     (14, 64, 64, 3, 2),
 )
+LAYERS["iresnet50"] = (
+    (112, 3, 64, 3, 1),
+    (112, 64, 64, 3, 1),
+    (112, 64, 64, 3, 2),
+    (112, 64, 64, 1, 2),
+    (56, 64, 64, 3, 1),
+    (56, 64, 128, 3, 1),
+    (56, 128, 128, 3, 2),
+    (56, 64, 128, 1, 2),
+    (28, 128, 128, 3, 1),
+    (28, 128, 256, 3, 1),
+    (28, 256, 256, 3, 2),
+    (28, 128, 256, 1, 2),
+    (14, 256, 256, 3, 1),
+    (14, 256, 512, 3, 1),
+    (14, 512, 512, 3, 2),
+    (14, 256, 512, 1, 2),
+    (7, 512, 512, 3, 1),
+)
+DEFAULT_BATCH = {"tiny": 64, "iresnet50": 8}
 FLAG_SETS = {
     "default": "",
     "onednn": "--xla_cpu_experimental_onednn_custom_call=true "
@@ -70,7 +99,7 @@ def _windows(x, kernel, stride, out_size):
   ]
 
 
-def jax_worker(batch, steps):
+def jax_worker(layers, batch, steps):
   import jax  # pylint: disable=g-import-not-at-top
   from jax import lax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -79,7 +108,7 @@ def jax_worker(batch, steps):
   from adam_face.models import convolution  # pylint: disable=g-import-not-at-top
 
   rows = []
-  for size, cin, cout, kernel, stride in SHAPES:
+  for size, cin, cout, kernel, stride in LAYERS[layers]:
     pad = kernel // 2
 
     def conv(x, w, stride=stride, pad=pad):
@@ -136,23 +165,35 @@ def jax_worker(batch, steps):
         ),
         "xla dw": machine.median_seconds(lambda: xla_dw(x, w, dy).block_until_ready(), steps),
     }
-    for name, rewrite in (("patches", patches_dw), ("shifted", shifted_dw), ("im2col", im2col_dw)):
+
+    def adam_dw(x, dy, kernel=kernel, stride=stride, pad=pad, cin=cin, cout=cout):
+      return convolution.patch_kernel_gradient(
+          x, dy, (kernel, kernel, cin, cout), (stride, stride), ((pad, pad), (pad, pad))
+      )
+
+    for name, rewrite in (
+        ("adam", adam_dw),
+        ("patches", patches_dw),
+        ("shifted", shifted_dw),
+        ("im2col", im2col_dw),
+    ):
       jitted = jax.jit(rewrite)
       grad = jitted(x, dy)
       row[f"{name} dw"] = machine.median_seconds(
           lambda j=jitted: j(x, dy).block_until_ready(), steps
       )
-      row[f"{name} error"] = float(jnp.max(jnp.abs(grad - reference)) / jnp.max(jnp.abs(reference)))
+      error = float(jnp.max(jnp.abs(grad - reference)) / jnp.max(jnp.abs(reference)))
+      row[f"{name} error"] = max(row.get(f"{name} error", 0.0), error)
     rows.append(row)
   return rows
 
 
-def torch_worker(batch, steps):
+def torch_worker(layers, batch, steps):
   import torch  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(os.cpu_count())
   rows = []
-  for size, cin, cout, kernel, stride in SHAPES:
+  for size, cin, cout, kernel, stride in LAYERS[layers]:
     x = torch.randn(batch, cin, size, size, requires_grad=True)
     w = torch.randn(cout, cin, kernel, kernel, requires_grad=True)
     y = torch.nn.functional.conv2d(x, w, stride=stride, padding=kernel // 2)
@@ -170,25 +211,27 @@ def torch_worker(batch, steps):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--layers", choices=sorted(LAYERS), default="tiny")
+  parser.add_argument("--batch", type=int, default=None, help=f"default: {DEFAULT_BATCH}")
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
   parser.add_argument("--out", default="/tmp/bench_conv_backward.json")
   args = parser.parse_args()
+  args.batch = args.batch or DEFAULT_BATCH[args.layers]
   if args.worker:
     worker = jax_worker if args.worker == "jax" else torch_worker
-    print(json.dumps(worker(args.batch, args.steps)))
+    print(json.dumps(worker(args.layers, args.batch, args.steps)))
     return
 
   def run(worker, flags=""):
     env = dict(os.environ, XLA_FLAGS=flags, TF_CPP_MIN_LOG_LEVEL="3")
     command = [sys.executable, "-m", "benchmarks.bench_conv_backward", "--worker", worker]
-    command += ["--batch", str(args.batch), "--steps", str(args.steps)]
+    command += ["--layers", args.layers, "--batch", str(args.batch), "--steps", str(args.steps)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
   print(
-      f"convolution backward, tiny iResNet shapes, batch {args.batch}, float32, "
+      f"convolution backward, {args.layers} shapes, batch {args.batch}, float32, "
       f"{machine.cpu_model()}, {os.cpu_count()} threads; ms, median of {args.steps}"
   )
   results = {name: run("jax", flags) for name, flags in FLAG_SETS.items()}
@@ -197,19 +240,20 @@ def main():
   except subprocess.CalledProcessError:
     print("(PyTorch is not installed: no torch column)")
   default = results["default"]
-  columns = ["xla fwd", "xla bwd", "adam bwd", "xla dw", "patches dw", "shifted dw", "im2col dw"]
+  columns = ["xla fwd", "xla bwd", "adam bwd", "xla dw", "adam dw", "patches dw", "shifted dw"]
+  columns.append("im2col dw")
   header = f"{'layer':<18}" + "".join(f"{c:>12}" for c in columns) + f"{'torch bwd':>12}"
   print(header)
   print("-" * len(header))
   totals = dict.fromkeys(columns + ["torch bwd"], 0.0)
-  for i, (size, cin, cout, kernel, stride) in enumerate(SHAPES):
+  for i, (size, cin, cout, kernel, stride) in enumerate(LAYERS[args.layers]):
     cells = {c: default[i][c] for c in columns}
     if "torch" in results:
       cells["torch bwd"] = results["torch"][i]["torch bwd"]
     for c, v in cells.items():
       totals[c] += v
     print(
-        f"{size:>3} {cin:>2}->{cout:<2} k{kernel} s{stride}  "
+        f"{size:>3} {cin:>3}->{cout:<3} k{kernel} s{stride}"
         + "".join(f"{1e3 * cells[c]:>12.2f}" for c in columns)
         + (f"{1e3 * cells['torch bwd']:>12.2f}" if "torch bwd" in cells else "")
     )

@@ -27,6 +27,9 @@ load average is printed: on a CPU shared with other work the rates are noisy.
   python -m benchmarks.bench_train_step                 # tiny + mobilefacenet, ~2.5 min, 2 cores
   python -m benchmarks.bench_train_step --quick         # smoke test, ~1 min
   python -m benchmarks.bench_train_step --models=tiny,mobilefacenet,iresnet50
+  python -m benchmarks.bench_train_step --models=tiny,iresnet18 --xla_kernel_gradients
+      # adam_face's step also with XLA:CPU's own kernel gradients, in the same rounds
+      # (--patch_gradient_min_channels=1: patch_kernel_gradient in every layer, tiny's too)
   python -m benchmarks.bench_train_step --dtype=bfloat16 --device=cuda --batch_size=256   # GPU
   python -m benchmarks.bench_train_step --models=iresnet50 --dtype=bfloat16 --device=cuda \
       --batch_size=128 --num_classes=2000000 --sample_rate=0.1   # GPU, WebFace42M-size Partial FC
@@ -54,6 +57,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from adam_face import classifier, models, train_step as ts
+from adam_face.models import convolution
 from adam_face.models.mobilefacenet import BOTTLENECKS, MobileFaceNet
 from configs import default
 
@@ -131,6 +135,19 @@ def parse_args(argv=None):
       "--breakdown",
       action="store_true",
       help="also time forward-only and forward+backward (no update) on both sides",
+  )
+  parser.add_argument(
+      "--xla_kernel_gradients",
+      action="store_true",
+      help="also time adam_face's step with XLA:CPU's own kernel gradients in every "
+      "convolution (convolution.patch_kernel_gradient switched off), in the same rounds",
+  )
+  parser.add_argument(
+      "--patch_gradient_min_channels",
+      type=int,
+      default=None,
+      help="adam_face's convolution.PATCH_GRADIENT_MIN_CHANNELS for this run (default: "
+      f"{convolution.PATCH_GRADIENT_MIN_CHANNELS}; 1: patch_kernel_gradient in every layer)",
   )
   parser.add_argument(
       "--quick",
@@ -220,10 +237,21 @@ class AdamFaceStep:
     self.num_params = backbone + num_classes * config.model.embedding_dim  # Without class padding.
     self.num_backbone_params = backbone
 
-  def compile(self) -> float:
-    """Compiles the step ahead of its first call; returns the seconds that took."""
+  def compile(self, patch_gradient_min_channels: float | None = None) -> float:
+    """Compiles the step ahead of its first call; returns the seconds that took.
+
+    patch_gradient_min_channels, where given, replaces convolution.PATCH_GRADIENT_MIN_CHANNELS
+    while the step is traced (math.inf: XLA:CPU's own kernel gradient in every convolution, the
+    program adam_face ran before patch_kernel_gradient).
+    """
     start = time.perf_counter()
-    self.step_fn = self.step_fn.lower(self.state, self.batch).compile()
+    saved = convolution.PATCH_GRADIENT_MIN_CHANNELS
+    if patch_gradient_min_channels is not None:
+      convolution.PATCH_GRADIENT_MIN_CHANNELS = patch_gradient_min_channels
+    try:
+      self.step_fn = self.step_fn.lower(self.state, self.batch).compile()
+    finally:
+      convolution.PATCH_GRADIENT_MIN_CHANNELS = saved
     return time.perf_counter() - start
 
   def run(self, steps: int, host_batches: Iterator[dict[str, np.ndarray]] | None = None) -> float:
@@ -681,13 +709,17 @@ def benchmark_model(name: str, args) -> dict:
       "embedding_dim": embedding_dim,
       "params": jax_step.num_params,
       "backbone_params": jax_step.num_backbone_params,
-      "adam_face_compile_seconds": jax_step.compile(),
+      "adam_face_compile_seconds": jax_step.compile(args.patch_gradient_min_channels),
   }
   jax_step.run(args.warmup_steps)
   torch_step, row["torch_setting"], row["torch_setting_trials"] = fastest_torch_process(
       torch_layout(jax_step.model), args, embedding_dim=embedding_dim, batch_size=batch_size
   )
   sides = {"adam_face": jax_step}
+  if args.xla_kernel_gradients:
+    sides["adam_face_xla_dw"] = AdamFaceStep(config, args.num_classes)
+    sides["adam_face_xla_dw"].compile(patch_gradient_min_channels=math.inf)
+    sides["adam_face_xla_dw"].run(args.warmup_steps)
   if torch_step is not None:
     sides["torch"] = torch_step
   try:
@@ -703,7 +735,7 @@ def benchmark_model(name: str, args) -> dict:
     for side, step in sides.items():
       row[f"{side}_images_per_s"] = statistics.median(rates[side])
       row[f"{side}_rounds"] = rates[side]
-      if args.breakdown:
+      if args.breakdown and side != "adam_face_xla_dw":
         row[f"{side}_breakdown"] = step.breakdown(args.steps_per_round)
   finally:
     if torch_step is not None:
@@ -775,6 +807,19 @@ def main(argv=None):
           else ""
       )
   )
+  if args.xla_kernel_gradients:
+    print(
+        f"\n{'model':<14}{'patch dw img/s':>15}{'XLA dw img/s':>14}{'gain':>7}"
+        "   (adam_face, kernel gradients by patch_kernel_gradient or XLA's own)"
+    )
+    for row in rows:
+      patch, xla = row["adam_face_rounds"], row["adam_face_xla_dw_rounds"]
+      # The median of the rounds' ratios: both ran in every round, under the same load.
+      gain = statistics.median(p / x for p, x in zip(patch, xla))
+      print(
+          f"{row['model']:<14}{row['adam_face_images_per_s']:>15.1f}"
+          f"{row['adam_face_xla_dw_images_per_s']:>14.1f}{gain:>6.2f}x"
+      )
   if args.breakdown:
     print(
         f"\n{'model':<14}{'side':<10}{'fwd img/s':>10}{'fwd+bwd img/s':>14}"

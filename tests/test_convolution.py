@@ -1,5 +1,6 @@
 """The backbones' convolution: lax.conv_general_dilated's values and gradients, XLA:CPU's slow
-forms rewritten (a 1x1 kernel as a matrix product, a strided input gradient by phases)."""
+forms rewritten (a 1x1 kernel as a matrix product, a strided input gradient by phases, kernel
+gradients as matrix products over patches)."""
 
 import jax
 from jax import lax
@@ -26,7 +27,11 @@ CASES = [
     ((2, 9, 9, 3), (1, 1, 3, 4), (2, 2), ((0, 0), (0, 0))),
     ((2, 8, 7, 3), (1, 1, 3, 4), (1, 1), "SAME"),
     ((2, 8, 7, 3), (1, 1, 3, 4), (3, 2), "VALID"),
-    ((2, 8, 8, 3), (3, 3, 3, 4), (1, 1), ((1, 1), (1, 1))),  # lax's own, unchanged
+    ((2, 8, 8, 3), (3, 3, 3, 4), (1, 1), ((1, 1), (1, 1))),
+    ((1, 6, 5, 3), (3, 2, 3, 4), (1, 1), ((2, 0), (0, 1))),
+    ((5, 7, 7, 3), (3, 3, 3, 4), (1, 1), "VALID"),
+    ((2, 9, 8, 3), (2, 2, 3, 4), (2, 2), ((0, 1), (1, 0))),  # kernel no larger than the stride
+    ((2, 9, 10, 3), (2, 3, 3, 4), (2, 3), "SAME"),
 ]
 
 
@@ -40,8 +45,20 @@ def value_and_gradients(conv, x, kernel, strides, padding):
   return (y, *vjp(cotangent))
 
 
+@pytest.fixture
+def patch_gradient_everywhere(monkeypatch):
+  """patch_kernel_gradient for every kernel, however few its input channels."""
+  monkeypatch.setattr(convolution, "PATCH_GRADIENT_MIN_CHANNELS", 1)
+
+
+@pytest.mark.parametrize("min_channels", [1, convolution.PATCH_GRADIENT_MIN_CHANNELS])
 @pytest.mark.parametrize("x_shape, kernel_shape, strides, padding", CASES)
-def test_values_and_gradients_match_lax(x_shape, kernel_shape, strides, padding):
+def test_values_and_gradients_match_lax(
+    monkeypatch, min_channels, x_shape, kernel_shape, strides, padding
+):
+  # At the default threshold these 3-channel inputs keep XLA's kernel gradient (strided: with
+  # the input gradient by phases); at 1 every kernel gradient is patch_kernel_gradient's.
+  monkeypatch.setattr(convolution, "PATCH_GRADIENT_MIN_CHANNELS", min_channels)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
@@ -52,13 +69,40 @@ def test_values_and_gradients_match_lax(x_shape, kernel_shape, strides, padding)
     np.testing.assert_allclose(a, e, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(e))), err_msg=name)
 
 
+@pytest.mark.usefixtures("patch_gradient_everywhere")
+@pytest.mark.parametrize("images", [1, 2, 3])
+def test_kernel_gradient_over_groups_of_images(monkeypatch, images):
+  # patch_kernel_gradient adds the batch up a few images at a time; force groups of 1, 2 and 3
+  # images (a batch of 6) so that the scan's sum over several groups is what is compared.
+  x_shape = (6, 9, 8, 3)
+  # One image's columns: (9 + 2 padding) rows x 8 columns x 3 taps x 3 channels x 4 bytes.
+  monkeypatch.setattr(convolution, "_PATCH_BYTES_PER_STEP", images * 11 * 8 * 3 * 3 * 4)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+  for strides in ((1, 1), (2, 2)):
+    expected = value_and_gradients(lax.conv_general_dilated, x, kernel, strides, "SAME")
+    actual = value_and_gradients(convolution.conv_general_dilated, x, kernel, strides, "SAME")
+    np.testing.assert_allclose(
+        actual[2], expected[2], rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(expected[2])))
+    )
+  # The groups are what the scan runs over: batch / images steps (at least 2 images a group).
+  program = gradient_program(convolution.conv_general_dilated, (3, 3, 4, 8), (1, 1), "SAME")
+  assert "scan" in program
+
+
+@pytest.mark.usefixtures("patch_gradient_everywhere")
 def test_bfloat16_matches_lax_to_its_rounding():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 9, 9, 8)), jnp.bfloat16)
-  for kernel_shape, padding in (((3, 3, 8, 4), ((1, 1), (1, 1))), ((1, 1, 8, 4), "VALID")):
+  for kernel_shape, strides, padding in (
+      ((3, 3, 8, 4), (2, 2), ((1, 1), (1, 1))),
+      ((3, 3, 8, 4), (1, 1), ((1, 1), (1, 1))),
+      ((1, 1, 8, 4), (2, 2), "VALID"),
+  ):
     kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.bfloat16)
-    expected = value_and_gradients(lax.conv_general_dilated, x, kernel, (2, 2), padding)
-    actual = value_and_gradients(convolution.conv_general_dilated, x, kernel, (2, 2), padding)
+    expected = value_and_gradients(lax.conv_general_dilated, x, kernel, strides, padding)
+    actual = value_and_gradients(convolution.conv_general_dilated, x, kernel, strides, padding)
     for name, e, a in zip(("value", "d/dx", "d/dkernel"), expected, actual):
       assert a.dtype == e.dtype == jnp.bfloat16, name
       e, a = np.asarray(e, np.float32), np.asarray(a, np.float32)
@@ -67,8 +111,8 @@ def test_bfloat16_matches_lax_to_its_rounding():
 
 
 def gradient_program(conv, kernel_shape, strides, padding, **kwargs):
-  """The jaxpr of the input and kernel gradients of conv at a 16x16x4 input."""
-  x = jnp.zeros((2, 16, 16, 4))
+  """The jaxpr of the input and kernel gradients of conv at a 16x16 input."""
+  x = jnp.zeros((2, 16, 16, kernel_shape[2] * kwargs.get("feature_group_count", 1)))
   kernel = jnp.zeros(kernel_shape)
 
   def loss(x, kernel):
@@ -88,6 +132,46 @@ def test_strided_input_gradient_has_no_dilated_convolution_on_the_cpu():
   assert "conv_general_dilated" in program
 
 
+def convolution_windows(conv, kernel_shape, strides, padding):
+  """The window (spatial kernel size) of every convolution in the gradient program of conv."""
+
+  def loss(x, kernel):
+    return jnp.sum(conv(x, kernel, strides, padding, dimension_numbers=NHWC))
+
+  closed = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(
+      jnp.zeros((2, 16, 16, kernel_shape[2])), jnp.zeros(kernel_shape)
+  )
+  windows, jaxprs = [], [closed.jaxpr]
+  while jaxprs:  # Into scans' bodies and custom VJPs' calls.
+    for eqn in jaxprs.pop().eqns:
+      for param in eqn.params.values():
+        for value in param if isinstance(param, tuple) else (param,):
+          jaxpr = getattr(value, "jaxpr", value)  # A ClosedJaxpr's Jaxpr, or a Jaxpr.
+          if hasattr(jaxpr, "eqns"):
+            jaxprs.append(jaxpr)
+      if eqn.primitive.name == "conv_general_dilated":
+        rhs_spec = eqn.params["dimension_numbers"].rhs_spec
+        windows.append(tuple(eqn.invars[1].aval.shape[d] for d in rhs_spec[2:]))
+  return windows
+
+
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
+def test_wide_kernel_gradient_is_no_convolution_on_the_cpu(strides):
+  # lax's kernel gradient is a convolution whose window is the cotangent's whole map (XLA:CPU
+  # runs it after transposing both operands, batch innermost); from PATCH_GRADIENT_MIN_CHANNELS
+  # input channels the rewrite has only the forward pass and the input gradient as
+  # convolutions, each with a window of kernel size; below, XLA's kernel gradient stays.
+  padding = ((1, 1), (1, 1))
+  wide = (3, 3, convolution.PATCH_GRADIENT_MIN_CHANNELS, 8)
+  lax_windows = convolution_windows(lax.conv_general_dilated, wide, strides, padding)
+  assert any(window[0] > 3 for window in lax_windows)
+  windows = convolution_windows(convolution.conv_general_dilated, wide, strides, padding)
+  assert len(windows) == 2 and all(window[0] <= 3 for window in windows), windows
+  narrow = (3, 3, convolution.PATCH_GRADIENT_MIN_CHANNELS - 1, 8)
+  windows = convolution_windows(convolution.conv_general_dilated, narrow, strides, padding)
+  assert any(window[0] > 3 for window in windows), windows
+
+
 def test_pointwise_convolution_is_a_matrix_product_on_the_cpu():
   program = gradient_program(convolution.conv_general_dilated, (1, 1, 4, 8), (2, 2), "VALID")
   assert "conv_general_dilated" not in program and "dot_general" in program
@@ -100,6 +184,7 @@ def test_pointwise_convolution_is_a_matrix_product_on_the_cpu():
         ((3, 3, 4, 8), (2, 2), ((1, 1), (1, 1)), {"rhs_dilation": (2, 2)}),
         ((1, 1, 4, 8), (1, 1), ((1, 1), (1, 1)), {}),  # a padded 1x1 kernel
         ((3, 3, 4, 8), (2, 2), ((-1, 1), (1, 1)), {}),  # negative padding
+        ((3, 3, 4, 8), (1, 1), ((1, 1), (1, 1)), {}),  # stride 1, few input channels
     ],
 )
 def test_other_convolutions_are_lax_own(kernel_shape, strides, padding, kwargs):

@@ -2,23 +2,29 @@
 
 `conv_general_dilated` is a drop-in for lax.conv_general_dilated (nn.Conv's
 `conv_general_dilated=` attribute) with the same values and gradients. On the CPU backend, for a
-2-D NHWC x HWIO convolution without dilation or groups, it takes two forms that XLA:CPU runs
-several times faster in the backward pass; everything else, and every other backend (cuDNN and
-XLA:TPU differentiate these well), is lax's own. Figures: `python -m benchmarks.bench_conv_backward`
-("xla bwd" against "adam bwd", input and kernel gradients of one layer of the tiny iResNet,
-batch 64), 2026-12-01, benchmarks/README.md.
+2-D NHWC x HWIO convolution without dilation or groups, it takes three forms that XLA:CPU runs
+faster in the backward pass; everything else, and every other backend (cuDNN and XLA:TPU
+differentiate these well), is lax's own. Figures: `python -m benchmarks.bench_conv_backward`
+(one layer's input and kernel gradients, "xla bwd" against "adam bwd"; `--layers tiny` at
+batch 64, `--layers iresnet50` at batch 8) and `python -m benchmarks.bench_train_step
+--xla_kernel_gradients` (whole train steps), 2026-12-01, benchmarks/README.md.
 
 * A 1x1 kernel without padding (iResNet's stride-2 shortcut, MobileFaceNet's expand and project
   layers) is a matrix product over the channels of the input, subsampled first where strided
   (`pointwise_conv`). XLA:CPU computes a 1x1 convolution's kernel gradient as a convolution,
-  several times slower than the matrix product autodiff gives here (the shortcut: 42.6 ms
-  against 12.0).
+  several times slower than the matrix product autodiff gives here (tiny's shortcut: 22.0 ms
+  against 2.8).
 * A strided kernel larger than its stride (the 3x3 stride-2 convolution that opens each iResNet
-  stage, MobileFaceNet's stem) keeps XLA's forward pass and kernel gradient, and takes its input
-  gradient by phases (`strided_conv`). JAX's input gradient of a stride-s convolution is a
-  convolution of the cotangent dilated by s (`lhs_dilation`), which XLA:CPU runs up to 8x slower
-  than the forward pass (the first stage's: 86.0 ms against 43.2 for the whole backward, of
-  which the kernel gradient, the same in both, is 36.0).
+  stage, MobileFaceNet's stem) takes its input gradient by phases (`phase_input_gradient`).
+  JAX's input gradient of a stride-s convolution is a convolution of the cotangent dilated by s
+  (`lhs_dilation`), which XLA:CPU runs up to 8x slower than the forward pass (tiny's first
+  stage: 81.4 ms against 36.7 for the whole backward).
+* A kernel with at least PATCH_GRADIENT_MIN_CHANNELS input channels (every 3x3 layer of the
+  full-size iResNets but the stem) takes its kernel gradient as matrix products over image
+  patches, a few images at a time (`patch_kernel_gradient`). XLA:CPU's kernel gradient is a
+  convolution whose window is the whole cotangent map, run after transposing both operands to
+  put the batch innermost (iresnet50's layers: 674 ms of kernel gradients against 300; the
+  train step of iresnet18 1.28x and of iresnet50 1.20x faster).
 
 The phases need no dilation. Along one axis, input pixel i gets the cotangent of output o through
 tap k exactly when s*o + k = i + pad_low; writing i + pad_low = s*q + r (0 <= r < s), the taps
@@ -30,10 +36,14 @@ back into rows and columns ("depth to space"). Its work is the forward pass's, t
 (s*ceil(k/s)/k)^2 for the padding taps (16/9 for 3x3, stride 2). A 1x1 strided kernel is not
 taken by phases (one of its s*s phases is non-zero) but as a matrix product.
 
-Tried and not kept (bench_conv_backward's other columns): the kernel gradient as matrix products
-over patches, shifted windows or an explicit im2col loses at the large 112x112 and 56x56 maps,
-where the time is; so does the whole strided convolution as a stride-1 one over the input's
-space-to-depth rearrangement (ad hoc: XLA:CPU's rearrangement cost more than it saved).
+Tried and not kept: the kernel gradient as one matrix product over the whole batch's patches,
+shifted windows or an explicit im2col (bench_conv_backward's other columns) loses at the large
+112x112 and 56x56 maps, where the time is; taking the patches a few images at a time is what
+wins there. For layers under PATCH_GRADIENT_MIN_CHANNELS input channels the patches won alone
+(tiny's kernel gradients: 197 ms against 97) but not in tiny's or MobileFaceNet's train step
+(1.00x, 0.97x), so those keep XLA's own. The whole strided convolution as a
+stride-1 one over the input's space-to-depth rearrangement lost too (ad hoc: XLA:CPU's
+rearrangement cost more than it saved).
 """
 
 import functools
@@ -99,26 +109,151 @@ def phase_input_gradient(input_shape, kernel, cotangent, strides, padding, preci
   return interleaved[:, top : top + height, left : left + width]
 
 
+# Images per step of patch_kernel_gradient's scan: as many as keep one step's column windows
+# within this many bytes, so that they are still in cache for the matrix products that read them.
+# Chosen by an ad-hoc sweep over tiny's and iresnet50's layers on the development machine (2 MB
+# of L2 a core): much larger groups ran slower at 112x112, and so did single images, where the
+# loop's own cost shows.
+_PATCH_BYTES_PER_STEP = 4 << 20
+
+
+def patch_kernel_gradient(x, cotangent, kernel_shape, strides, padding, precision=None):
+  """The kernel gradient of an NHWC x HWIO convolution, as matrix products over image patches.
+
+  A scan takes the batch a few images at a time (`_PATCH_BYTES_PER_STEP`): it pads them and
+  lays the kw column windows that the kernel's taps see side by side along the channels
+  ([images, H_pad, W_out, kw*C_in], a one-axis im2col); the window of kernel row i is then
+  every stride-th row of that from row i, and the kernel's row i of the gradient is one matrix
+  product of the cotangent ([pixels, C_out]) with it ([pixels, kw*C_in]). The sums over the
+  groups of images run in float32.
+
+  Args:
+    x: the input [B, H, W, C_in].
+    cotangent: the cotangent of the output [B, H_out, W_out, C_out].
+    kernel_shape: (kh, kw, C_in, C_out).
+    strides: (sh, sw).
+    padding: ((low, high), (low, high)) of the forward pass, each >= 0.
+    precision: lax precision of the matrix products.
+
+  Returns:
+    The gradient with respect to the kernel, float32 [kh, kw, C_in, C_out].
+  """
+  kh, kw, in_channels, out_channels = kernel_shape
+  batch, height, width, _ = x.shape
+  _, out_h, out_w, _ = cotangent.shape
+  (sh, sw), ((top, bottom), (left, right)) = strides, padding
+  padded_h = height + top + bottom
+  bytes_per_image = padded_h * out_w * kw * in_channels * x.dtype.itemsize
+  most = max(2, _PATCH_BYTES_PER_STEP // bytes_per_image)
+  images = max(d for d in range(1, min(most, batch) + 1) if batch % d == 0)
+  groups = (
+      x.reshape(batch // images, images, height, width, in_channels),
+      cotangent.reshape(batch // images, images * out_h * out_w, out_channels),
+  )
+
+  def add_group(total, group):
+    inputs, cotangents = group
+    # Padded here, a group at a time, rather than the whole batch up front: the padded copy
+    # stays in cache for the windows that read it.
+    inputs = jnp.pad(inputs, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    columns = jnp.concatenate(
+        [
+            lax.slice(
+                inputs,
+                (0, 0, j, 0),
+                (images, padded_h, j + sw * (out_w - 1) + 1, in_channels),
+                (1, 1, sw, 1),
+            )
+            for j in range(kw)
+        ],
+        axis=-1,
+    )
+    rows = []
+    for i in range(kh):
+      window = lax.slice(
+          columns,
+          (0, i, 0, 0),
+          (images, i + sh * (out_h - 1) + 1, out_w, kw * in_channels),
+          (1, sh, 1, 1),
+      )
+      # [C_out, kw*C_in]: the cotangent as the left operand ran faster on XLA:CPU than as the
+      # right one (an ad-hoc comparison at tiny's 112x112 layer).
+      rows.append(
+          lax.dot_general(
+              cotangents,
+              window.reshape(-1, kw * in_channels),
+              (((0,), (0,)), ((), ())),
+              precision=precision,
+              preferred_element_type=jnp.float32,
+          )
+      )
+    return total + jnp.stack(rows), None
+
+  total, _ = lax.scan(
+      add_group, jnp.zeros((kh, out_channels, kw * in_channels), jnp.float32), groups
+  )
+  return total.reshape(kh, out_channels, kw, in_channels).transpose(0, 2, 3, 1)
+
+
+# Input channels from which the kernel gradient is taken by patch_kernel_gradient. The train steps
+# of iResNet-18 and -50 (64 to 512 channels) ran 1.28x and 1.20x faster with it; tiny's (8 to 64
+# channels) and MobileFaceNet's (only its 3-channel stem qualifies) 1.00x and 0.97x with it in
+# every layer, although tiny's kernel gradients alone ran 2x faster (`bench_train_step
+# --xla_kernel_gradients [--patch_gradient_min_channels=1]`, bench_conv_backward;
+# benchmarks/README.md). So narrow layers keep XLA's own, the smaller program.
+PATCH_GRADIENT_MIN_CHANNELS = 64
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def strided_conv(x, kernel, strides, padding, precision=None):
-  """lax.conv_general_dilated (NHWC x HWIO), its input gradient taken by phase_input_gradient."""
+def cpu_conv(x, kernel, strides, padding, precision=None):
+  """lax.conv_general_dilated (NHWC x HWIO) with the gradients XLA:CPU runs faster: the input's
+  by phase_input_gradient where strided; the kernel's by patch_kernel_gradient from
+  PATCH_GRADIENT_MIN_CHANNELS input channels, XLA's own below."""
   return _conv(x, kernel, strides, padding, precision)
 
 
-def _strided_conv_fwd(x, kernel, strides, padding, precision):
+def _cpu_conv_fwd(x, kernel, strides, padding, precision):
   return _conv(x, kernel, strides, padding, precision), (x, kernel)
 
 
-def _strided_conv_bwd(strides, padding, precision, residuals, cotangent):
+def _cpu_conv_bwd(strides, padding, precision, residuals, cotangent):
   x, kernel = residuals
-  # XLA's own kernel gradient: rewriting it lost (benchmarks/README.md, bench_conv_backward).
-  _, kernel_vjp = jax.vjp(lambda k: _conv(x, k, strides, padding, precision), kernel)
-  (kernel_grad,) = kernel_vjp(cotangent)
-  x_grad = phase_input_gradient(x.shape, kernel, cotangent, strides, padding, precision)
-  return x_grad.astype(x.dtype), kernel_grad
+  if kernel.shape[2] >= PATCH_GRADIENT_MIN_CHANNELS:
+    kernel_grad = patch_kernel_gradient(x, cotangent, kernel.shape, strides, padding, precision)
+  else:
+    _, kernel_vjp = jax.vjp(lambda k: _conv(x, k, strides, padding, precision), kernel)
+    (kernel_grad,) = kernel_vjp(cotangent)
+  if _by_phases(kernel.shape, strides):
+    x_grad = phase_input_gradient(x.shape, kernel, cotangent, strides, padding, precision)
+  else:
+    # lax's own input gradient, written out (at stride 1 XLA:CPU runs it about as fast as the
+    # forward pass): the cotangent, dilated by the strides, correlated with the kernel flipped
+    # and transposed; the padding mirrored, up to the input's last pixel.
+    flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
+    mirrored = [
+        (k - 1 - low, size + low - (out - 1) * stride - 1)
+        for k, (low, _), size, out, stride in zip(
+            kernel.shape, padding, x.shape[1:3], cotangent.shape[1:3], strides
+        )
+    ]
+    x_grad = lax.conv_general_dilated(
+        cotangent,
+        flipped,
+        (1, 1),
+        mirrored,
+        lhs_dilation=strides,
+        dimension_numbers=_NHWC,
+        precision=precision,
+    )
+  return x_grad.astype(x.dtype), kernel_grad.astype(kernel.dtype)
 
 
-strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
+
+
+def _by_phases(kernel_shape, strides) -> bool:
+  """Whether the input gradient is taken by phases: strided, every kernel side above its stride."""
+  return max(strides) > 1 and all(size > stride for size, stride in zip(kernel_shape[:2], strides))
 
 
 def pointwise_conv(x, kernel, strides, precision=None):
@@ -148,7 +283,7 @@ def _cpu_rewrite(
     precision=None,
     preferred_element_type=None,
 ):
-  """("pointwise" or "phases", explicit padding) for a convolution XLA:CPU differentiates
+  """("pointwise" or "custom", explicit padding) for a convolution XLA:CPU differentiates
   slowly (see the module docstring); None for lax's own. Takes lax.conv_general_dilated's
   arguments."""
   del precision  # The rewrites pass it on.
@@ -164,11 +299,9 @@ def _cpu_rewrite(
   padding = tuple((int(low), int(high)) for low, high in padding)
   if rhs.shape[:2] == (1, 1):
     return ("pointwise", padding) if padding == ((0, 0), (0, 0)) else None
-  strided = max(window_strides) > 1 and all(
-      size > stride for size, stride in zip(rhs.shape[:2], window_strides)
-  )
-  if strided and all(low >= 0 and high >= 0 for low, high in padding):
-    return "phases", padding
+  wide = rhs.shape[2] >= PATCH_GRADIENT_MIN_CHANNELS
+  if (wide or _by_phases(rhs.shape, window_strides)) and min(sum(padding, ())) >= 0:
+    return "custom", padding
   return None
 
 
@@ -182,4 +315,4 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, **options):
   precision = options.get("precision")
   if kind == "pointwise":
     return pointwise_conv(lhs, rhs, tuple(window_strides), precision)
-  return strided_conv(lhs, rhs, tuple(window_strides), explicit_padding, precision)
+  return cpu_conv(lhs, rhs, tuple(window_strides), explicit_padding, precision)
