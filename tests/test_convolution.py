@@ -2,13 +2,15 @@
 forms rewritten (a 1x1 kernel as a matrix product, a strided input gradient by phases, kernel
 gradients as matrix products over patches)."""
 
+import functools
+
 import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adam_face.models import convolution
+from adam_face.models import convolution, mobilefacenet
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -69,11 +71,75 @@ def test_values_and_gradients_match_lax(
     np.testing.assert_allclose(a, e, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(e))), err_msg=name)
 
 
+def batch_sharded(x):
+  """x with its leading (batch) axis sharded over every device, as the train step's batch is."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+
+
+def add_rows(total, group):
+  return total + jnp.sum(group[0], axis=0)
+
+
+@pytest.mark.parametrize("images_per_device", [1, 2, 3, 6])
+def test_scan_over_batch_adds_every_image_once(images_per_device):
+  # 6 images do not divide among the session's 8 devices: grouped as on one device.
+  values = jnp.arange(6 * 5, dtype=jnp.float32).reshape(6, 5) ** 2
+  total = convolution.scan_over_batch(add_rows, jnp.zeros(5), [values], images_per_device)
+  np.testing.assert_array_equal(total, jnp.sum(values, axis=0))
+
+
+def test_scan_over_a_sharded_batch_gathers_nothing():
+  # A group holds one image of each device's share (4 groups of 8 images): groups of
+  # consecutive images would each lie on one device, and GSPMD would gather the whole batch.
+  assert jax.device_count() == 8, "tests/conftest.py forces 8 host devices"
+  values = batch_sharded(jnp.arange(32 * 5, dtype=jnp.float32).reshape(32, 5) ** 2)
+  scan = jax.jit(lambda v: convolution.scan_over_batch(add_rows, jnp.zeros(5), [v], 1))
+  program = scan.lower(values).compile().as_text()
+  assert "while" in program and "all-gather" not in program
+  np.testing.assert_array_equal(scan(values), jnp.sum(values, axis=0))
+
+
+@pytest.mark.parametrize("layer", ["patches", "depthwise"])
+def test_kernel_gradients_of_a_sharded_batch_gather_nothing(monkeypatch, layer):
+  # patch_kernel_gradient (2 images of each device's share a step) and DepthwiseConv's kernel
+  # gradient (1) scan a batch of 32 on 8 devices in several steps without gathering it.
+  monkeypatch.setattr(convolution, "_PATCH_BYTES_PER_STEP", 1)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(32, 6, 6, 64)), jnp.float32)
+  if layer == "patches":
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 64, 4)), jnp.float32)
+    conv = functools.partial(convolution.conv_general_dilated, dimension_numbers=NHWC)
+    reference = functools.partial(lax.conv_general_dilated, dimension_numbers=NHWC)
+  else:
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 64)), jnp.float32)
+    conv = lambda x, k, strides, padding: mobilefacenet.depthwise_conv(
+        x, k, strides[0], padding[0][0], "shifted"
+    )
+    reference = functools.partial(
+        lax.conv_general_dilated, dimension_numbers=NHWC, feature_group_count=64
+    )
+
+  def kernel_gradient(conv):
+    return jax.jit(jax.grad(lambda k, x: jnp.sum(conv(x, k, (1, 1), ((1, 1), (1, 1))) ** 2)))
+
+  sharded = batch_sharded(x)
+  program = kernel_gradient(conv).lower(kernel, sharded).compile().as_text()
+  assert "while" in program and "all-gather" not in program
+  expected = kernel_gradient(reference)(kernel, x)
+  np.testing.assert_allclose(
+      kernel_gradient(conv)(kernel, sharded),
+      expected,
+      rtol=0,
+      atol=1e-5 * float(jnp.max(jnp.abs(expected))),
+  )
+
+
 @pytest.mark.usefixtures("patch_gradient_everywhere")
-@pytest.mark.parametrize("images", [1, 2, 3])
+@pytest.mark.parametrize("images", [2, 3])
 def test_kernel_gradient_over_groups_of_images(monkeypatch, images):
-  # patch_kernel_gradient adds the batch up a few images at a time; force groups of 1, 2 and 3
-  # images (a batch of 6) so that the scan's sum over several groups is what is compared.
+  # patch_kernel_gradient adds the batch up a few images at a time (at least 2); force groups of
+  # 2 and 3 images (a batch of 6) so that the scan's sum over several groups is what is compared.
   x_shape = (6, 9, 8, 3)
   # One image's columns: (9 + 2 padding) rows x 8 columns x 3 taps x 3 channels x 4 bytes.
   monkeypatch.setattr(convolution, "_PATCH_BYTES_PER_STEP", images * 11 * 8 * 3 * 3 * 4)

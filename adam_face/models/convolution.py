@@ -24,7 +24,7 @@ batch 64, `--layers iresnet50` at batch 8) and `python -m benchmarks.bench_train
   patches, a few images at a time (`patch_kernel_gradient`). XLA:CPU's kernel gradient is a
   convolution whose window is the whole cotangent map, run after transposing both operands to
   put the batch innermost (iresnet50's layers: 674 ms of kernel gradients against 300; the
-  train step of iresnet18 1.28x and of iresnet50 1.20x faster).
+  train steps of iresnet18 and iresnet50 1.19-1.28x and 1.13-1.20x faster in two runs).
 
 The phases need no dilation. Along one axis, input pixel i gets the cotangent of output o through
 tap k exactly when s*o + k = i + pad_low; writing i + pad_low = s*q + r (0 <= r < s), the taps
@@ -41,7 +41,7 @@ shifted windows or an explicit im2col (bench_conv_backward's other columns) lose
 112x112 and 56x56 maps, where the time is; taking the patches a few images at a time is what
 wins there. For layers under PATCH_GRADIENT_MIN_CHANNELS input channels the patches won alone
 (tiny's kernel gradients: 197 ms against 97) but not in tiny's or MobileFaceNet's train step
-(1.00x, 0.97x), so those keep XLA's own. The whole strided convolution as a
+(0.98-1.00x and 0.97-1.00x in two runs), so those keep XLA's own. The whole strided convolution as a
 stride-1 one over the input's space-to-depth rearrangement lost too (ad hoc: XLA:CPU's
 rearrangement cost more than it saved).
 """
@@ -109,6 +109,37 @@ def phase_input_gradient(input_shape, kernel, cotangent, strides, padding, preci
   return interleaved[:, top : top + height, left : left + width]
 
 
+def scan_over_batch(add_group, init, arrays, images_per_device):
+  """lax.scan of add_group(total, group) over the batch of `arrays` (each [B, ...]), in groups.
+
+  A group holds up to `images_per_device` images of every device's share of the batch, taken at
+  a stride: of n groups, group g is images g, g + n, g + 2n, ... The train step shards the batch
+  over every device (classifier.create_mesh); groups of consecutive images would each lie on one
+  device, and GSPMD would gather the whole batch onto every device to scan it. (A batch that
+  does not divide among the devices is grouped as on one device.)
+
+  Args:
+    add_group: (total, [group of each array, [images, ...]]) -> total.
+    init: the initial total.
+    arrays: arrays with the same leading (batch) dimension.
+    images_per_device: the most images of one device's share in a group (at least 1).
+
+  Returns:
+    The total after every group.
+  """
+  batch = arrays[0].shape[0]
+  devices = jax.device_count() if batch % jax.device_count() == 0 else 1
+  share = batch // devices
+  per_device = max(d for d in range(1, min(images_per_device, share) + 1) if share % d == 0)
+  groups = share // per_device
+  strided = [a.reshape(batch // groups, groups, *a.shape[1:]) for a in arrays]
+
+  def step(total, index):
+    return add_group(total, [lax.dynamic_index_in_dim(a, index, 1, False) for a in strided]), None
+
+  return lax.scan(step, init, jnp.arange(groups))[0]
+
+
 # Images per step of patch_kernel_gradient's scan: as many as keep one step's column windows
 # within this many bytes, so that they are still in cache for the matrix products that read them.
 # Chosen by an ad-hoc sweep over tiny's and iresnet50's layers on the development machine (2 MB
@@ -120,8 +151,9 @@ _PATCH_BYTES_PER_STEP = 4 << 20
 def patch_kernel_gradient(x, cotangent, kernel_shape, strides, padding, precision=None):
   """The kernel gradient of an NHWC x HWIO convolution, as matrix products over image patches.
 
-  A scan takes the batch a few images at a time (`_PATCH_BYTES_PER_STEP`): it pads them and
-  lays the kw column windows that the kernel's taps see side by side along the channels
+  A scan takes the batch a few images at a time (`_PATCH_BYTES_PER_STEP`, `scan_over_batch`):
+  it pads them and lays the kw column windows that the kernel's taps see side by side along the
+  channels
   ([images, H_pad, W_out, kw*C_in], a one-axis im2col); the window of kernel row i is then
   every stride-th row of that from row i, and the kernel's row i of the gradient is one matrix
   product of the cotangent ([pixels, C_out]) with it ([pixels, kw*C_in]). The sums over the
@@ -139,20 +171,16 @@ def patch_kernel_gradient(x, cotangent, kernel_shape, strides, padding, precisio
     The gradient with respect to the kernel, float32 [kh, kw, C_in, C_out].
   """
   kh, kw, in_channels, out_channels = kernel_shape
-  batch, height, width, _ = x.shape
+  height = x.shape[1]
   _, out_h, out_w, _ = cotangent.shape
   (sh, sw), ((top, bottom), (left, right)) = strides, padding
   padded_h = height + top + bottom
   bytes_per_image = padded_h * out_w * kw * in_channels * x.dtype.itemsize
-  most = max(2, _PATCH_BYTES_PER_STEP // bytes_per_image)
-  images = max(d for d in range(1, min(most, batch) + 1) if batch % d == 0)
-  groups = (
-      x.reshape(batch // images, images, height, width, in_channels),
-      cotangent.reshape(batch // images, images * out_h * out_w, out_channels),
-  )
 
   def add_group(total, group):
     inputs, cotangents = group
+    images = inputs.shape[0]
+    cotangents = cotangents.reshape(-1, out_channels)
     # Padded here, a group at a time, rather than the whole batch up front: the padded copy
     # stays in cache for the windows that read it.
     inputs = jnp.pad(inputs, ((0, 0), (top, bottom), (left, right), (0, 0)))
@@ -187,18 +215,21 @@ def patch_kernel_gradient(x, cotangent, kernel_shape, strides, padding, precisio
               preferred_element_type=jnp.float32,
           )
       )
-    return total + jnp.stack(rows), None
+    return total + jnp.stack(rows)
 
-  total, _ = lax.scan(
-      add_group, jnp.zeros((kh, out_channels, kw * in_channels), jnp.float32), groups
+  total = scan_over_batch(
+      add_group,
+      jnp.zeros((kh, out_channels, kw * in_channels), jnp.float32),
+      [x, cotangent],
+      max(2, _PATCH_BYTES_PER_STEP // bytes_per_image),
   )
   return total.reshape(kh, out_channels, kw, in_channels).transpose(0, 2, 3, 1)
 
 
 # Input channels from which the kernel gradient is taken by patch_kernel_gradient. The train steps
-# of iResNet-18 and -50 (64 to 512 channels) ran 1.28x and 1.20x faster with it; tiny's (8 to 64
-# channels) and MobileFaceNet's (only its 3-channel stem qualifies) 1.00x and 0.97x with it in
-# every layer, although tiny's kernel gradients alone ran 2x faster (`bench_train_step
+# of iResNet-18 and -50 (64 to 512 channels) ran 1.13-1.28x faster with it; tiny's (8 to 64
+# channels) and MobileFaceNet's (only its 3-channel stem qualifies) 0.97-1.00x with it in every
+# layer, although tiny's kernel gradients alone ran 2x faster (`bench_train_step
 # --xla_kernel_gradients [--patch_gradient_min_channels=1]`, bench_conv_backward;
 # benchmarks/README.md). So narrow layers keep XLA's own, the smaller program.
 PATCH_GRADIENT_MIN_CHANNELS = 64
