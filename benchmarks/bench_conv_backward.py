@@ -31,8 +31,6 @@ and kernel gradients).
 import argparse
 import json
 import os
-import subprocess
-import sys
 
 from benchmarks import machine
 
@@ -223,22 +221,25 @@ def main():
     print(json.dumps(worker(args.layers, args.batch, args.steps)))
     return
 
-  def run(worker, flags=""):
-    env = dict(os.environ, XLA_FLAGS=flags, TF_CPP_MIN_LOG_LEVEL="3")
-    command = [sys.executable, "-m", "benchmarks.bench_conv_backward", "--worker", worker]
-    command += ["--layers", args.layers, "--batch", str(args.batch), "--steps", str(args.steps)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
+  worker_args = ["--layers", args.layers, "--batch", str(args.batch), "--steps", str(args.steps)]
   print(
       f"convolution backward, {args.layers} shapes, batch {args.batch}, float32, "
       f"{machine.cpu_model()}, {os.cpu_count()} threads; ms, median of {args.steps}"
   )
-  results = {name: run("jax", flags) for name, flags in FLAG_SETS.items()}
-  try:
-    results["torch"] = run("torch")
-  except subprocess.CalledProcessError:
-    print("(PyTorch is not installed: no torch column)")
+  results = {}
+  for name, flags in FLAG_SETS.items():
+    rows, error = machine.run_worker("benchmarks.bench_conv_backward", ["jax", *worker_args], flags)
+    if error and name == "default":
+      raise SystemExit(f"the JAX worker failed: {error}")
+    if error:
+      print(f"(XLA flag set {name} failed: {error})")
+      continue
+    results[name] = rows
+  rows, error = machine.run_worker("benchmarks.bench_conv_backward", ["torch", *worker_args])
+  if error:
+    print(f"(no torch column: {error})")
+  else:
+    results["torch"] = rows
   default = results["default"]
   columns = ["xla fwd", "xla bwd", "adam bwd", "xla dw", "adam dw", "patches dw", "shifted dw"]
   columns.append("im2col dw")

@@ -19,8 +19,6 @@ threads (oneDNN, which uses AMX tiles where the CPU has them):
 import argparse
 import json
 import os
-import subprocess
-import sys
 
 from benchmarks import machine
 
@@ -97,19 +95,13 @@ def main():
   )
   print(f"{'XLA flags':<10} {'variant':<14} {'ms':>8} {'GFLOP/s':>8}")
   for flag_name, flags in FLAG_SETS.items():
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_cpu_matmul", "--worker"]
-        + [f"--classes={args.classes}", f"--steps={args.steps}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
+    times, error = machine.run_worker(
+        "benchmarks.bench_cpu_matmul", [f"--classes={args.classes}", f"--steps={args.steps}"], flags
     )
-    if run.returncode:
-      print(f"{flag_name:<10} failed: {run.stderr.strip().splitlines()[-1]}")
+    if error:
+      print(f"{flag_name:<10} failed: {error}")
       continue
-    for variant, seconds in json.loads(run.stdout.strip().splitlines()[-1]).items():
+    for variant, seconds in times.items():
       print(f"{flag_name:<10} {variant:<14} {1e3 * seconds:8.1f} {gflop / seconds:8.1f}")
   try:
     times = torch_times(args.classes, args.steps)

@@ -1,8 +1,11 @@
 """What every benchmark shares: the CPU model name its figures are printed next to (lscpu's "Model
-name") and its timer."""
+name"), its timer, and its workers in subprocesses."""
 
+import json
+import os
 import platform
 import subprocess
+import sys
 import time
 
 
@@ -28,3 +31,25 @@ def median_seconds(fn, steps: int, warm_up: bool = True) -> float:
     fn()
     times.append(time.perf_counter() - started)
   return sorted(times)[len(times) // 2]
+
+
+def run_worker(module: str, args: list[str], xla_flags: str = "") -> tuple[object, str | None]:
+  """Runs `python -m MODULE --worker ARGS` on the CPU, with XLA_FLAGS set to xla_flags.
+
+  A process per flag set: XLA reads its flags once, when jax starts.
+
+  Returns:
+    (the JSON value the worker printed on its last line, None), or (None, the last line of its
+    error output) when it failed.
+  """
+  env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  done = subprocess.run(
+      [sys.executable, "-m", module, "--worker", *args],
+      env=env,
+      capture_output=True,
+      text=True,
+      check=False,
+  )
+  if done.returncode:
+    return None, (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+  return json.loads(done.stdout.strip().splitlines()[-1]), None
