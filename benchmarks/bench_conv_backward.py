@@ -241,8 +241,16 @@ def main():
   else:
     results["torch"] = rows
   default = results["default"]
-  columns = ["xla fwd", "xla bwd", "adam bwd", "xla dw", "adam dw", "patches dw", "shifted dw"]
-  columns.append("im2col dw")
+  columns = [
+      "xla fwd",
+      "xla bwd",
+      "adam bwd",
+      "xla dw",
+      "adam dw",
+      "patches dw",
+      "shifted dw",
+      "im2col dw",
+  ]
   header = f"{'layer':<18}" + "".join(f"{c:>12}" for c in columns) + f"{'torch bwd':>12}"
   print(header)
   print("-" * len(header))

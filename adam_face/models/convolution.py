@@ -41,8 +41,8 @@ shifted windows or an explicit im2col (bench_conv_backward's other columns) lose
 112x112 and 56x56 maps, where the time is; taking the patches a few images at a time is what
 wins there. For layers under PATCH_GRADIENT_MIN_CHANNELS input channels the patches won alone
 (tiny's kernel gradients: 197 ms against 97) but not in tiny's or MobileFaceNet's train step
-(0.98-1.00x and 0.97-1.00x in two runs), so those keep XLA's own. The whole strided convolution as a
-stride-1 one over the input's space-to-depth rearrangement lost too (ad hoc: XLA:CPU's
+(0.98-1.00x and 0.97-1.00x in two runs), so those keep XLA's own. The whole strided convolution
+as a stride-1 one over the input's space-to-depth rearrangement lost too (ad hoc: XLA:CPU's
 rearrangement cost more than it saved).
 """
 
@@ -153,11 +153,10 @@ def patch_kernel_gradient(x, cotangent, kernel_shape, strides, padding, precisio
 
   A scan takes the batch a few images at a time (`_PATCH_BYTES_PER_STEP`, `scan_over_batch`):
   it pads them and lays the kw column windows that the kernel's taps see side by side along the
-  channels
-  ([images, H_pad, W_out, kw*C_in], a one-axis im2col); the window of kernel row i is then
-  every stride-th row of that from row i, and the kernel's row i of the gradient is one matrix
-  product of the cotangent ([pixels, C_out]) with it ([pixels, kw*C_in]). The sums over the
-  groups of images run in float32.
+  channels ([images, H_pad, W_out, kw*C_in], a one-axis im2col); the window of kernel row i is
+  then every stride-th row of that from row i, and the kernel's row i of the gradient is one
+  matrix product of the cotangent ([pixels, C_out]) with it ([pixels, kw*C_in]). The sums over
+  the groups of images run in float32.
 
   Args:
     x: the input [B, H, W, C_in].
@@ -259,10 +258,10 @@ def _cpu_conv_bwd(strides, padding, precision, residuals, cotangent):
   else:
     # lax's own input gradient, written out (at stride 1 XLA:CPU runs it about as fast as the
     # forward pass): the cotangent, dilated by the strides, correlated with the kernel flipped
-    # and transposed; the padding mirrored, up to the input's last pixel.
+    # and transposed.
     flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
     mirrored = [
-        (k - 1 - low, size + low - (out - 1) * stride - 1)
+        transposed_padding(k, low, size, out, stride)
         for k, (low, _), size, out, stride in zip(
             kernel.shape, padding, x.shape[1:3], cotangent.shape[1:3], strides
         )
@@ -280,6 +279,14 @@ def _cpu_conv_bwd(strides, padding, precision, residuals, cotangent):
 
 
 cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
+
+
+def transposed_padding(kernel_size, low, size, out_size, stride) -> tuple[int, int]:
+  """Along one axis, the (low, high) padding of a convolution's input gradient taken as the
+  correlation of the cotangent, dilated by the stride, with the flipped kernel: the forward
+  padding mirrored, up to the input's last pixel (`size` of them; `out_size` outputs; `low`, the
+  forward pass's low padding)."""
+  return kernel_size - 1 - low, size + low - (out_size - 1) * stride - 1
 
 
 def _by_phases(kernel_shape, strides) -> bool:

@@ -184,8 +184,8 @@ def _shifted_depthwise_conv_bwd(strides, padding, residuals, cotangent):
       jnp.zeros((), accumulate),
       (
           (0, 0, 0),
-          (kernel_h - 1 - padding, height + padding - 1 - (out_h - 1) * strides, strides - 1),
-          (kernel_w - 1 - padding, width + padding - 1 - (out_w - 1) * strides, strides - 1),
+          (*convolution.transposed_padding(kernel_h, padding, height, out_h, strides), strides - 1),
+          (*convolution.transposed_padding(kernel_w, padding, width, out_w, strides), strides - 1),
           (0, 0, 0),
       ),
   )
