@@ -17,8 +17,8 @@ random normalised images and labels that already lie on the device (no input pip
 
 PyTorch runs in a spawned child process (its own threads and allocator; a PyTorch crash is
 reported, not fatal) that this process drives, so the timed steps run in alternating rounds
-(adam_face, PyTorch, adam_face, ...) and a change in the machine's load hits both sides alike; the
-table reports the median round. Both use every CPU core: XLA's thread pool by default, PyTorch by
+(adam_face, PyTorch; then PyTorch, adam_face; ...: the order reversed every other round) and a
+change in the machine's load hits both sides alike; the table reports the median round. Both use every CPU core: XLA's thread pool by default, PyTorch by
 torch.set_num_threads(os.cpu_count()). PyTorch's memory format (contiguous, channels_last) and
 OpenMP wait policy (as set, PASSIVE) are by default chosen per model by timing each after the
 warm-up; --torch_compile adds torch.compile (Inductor) to PyTorch's forward and loss. The 1-minute
@@ -29,7 +29,7 @@ load average is printed: on a CPU shared with other work the rates are noisy.
   python -m benchmarks.bench_train_step --models=tiny,mobilefacenet,iresnet50
   python -m benchmarks.bench_train_step --models=tiny,iresnet18 --xla_kernel_gradients
       # adam_face's step also with XLA:CPU's own kernel gradients, in the same rounds
-      # (--patch_gradient_min_channels=1: patch_kernel_gradient in every layer, tiny's too)
+      # (--patch_gradient_min_channels=1: patch_kernel_gradient in the 3-channel stems too)
   python -m benchmarks.bench_train_step --dtype=bfloat16 --device=cuda --batch_size=256   # GPU
   python -m benchmarks.bench_train_step --models=iresnet50 --dtype=bfloat16 --device=cuda \
       --batch_size=128 --num_classes=2000000 --sample_rate=0.1   # GPU, WebFace42M-size Partial FC
@@ -112,7 +112,9 @@ def parse_args(argv=None):
       help="untimed steps per side (after adam_face's compilation)",
   )
   parser.add_argument("--steps_per_round", type=int, default=2)
-  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument(
+      "--rounds", type=int, default=4, help="an even number puts each side first equally often"
+  )
   parser.add_argument(
       "--torch_memory_format",
       choices=("best", "contiguous", "channels_last"),
@@ -729,8 +731,13 @@ def benchmark_model(name: str, args) -> dict:
           f"PyTorch reference {torch_step.num_params}; the layouts differ."
       )
     rates = {side: [] for side in sides}
-    for _ in range(args.rounds):
-      for side, step in sides.items():
+    for round_index in range(args.rounds):
+      # Every other round in the reverse order: which side runs first in a round changed the
+      # rates by up to 8% (two compilations of the very same program, --xla_kernel_gradients on
+      # MobileFaceNet, whose layers all keep XLA's kernel gradient, printed a "gain" of 1.02-1.08
+      # in one order).
+      order = list(sides.items())
+      for side, step in order[:: -1 if round_index % 2 else 1]:
         rates[side].append(args.steps_per_round * batch_size / step.run(args.steps_per_round))
     for side, step in sides.items():
       row[f"{side}_images_per_s"] = statistics.median(rates[side])

@@ -3,6 +3,8 @@ forms rewritten (a 1x1 kernel as a matrix product, a strided input gradient by p
 gradients as matrix products over patches)."""
 
 import functools
+import math
+import re
 
 import jax
 from jax import lax
@@ -89,15 +91,50 @@ def test_scan_over_batch_adds_every_image_once(images_per_device):
   np.testing.assert_array_equal(total, jnp.sum(values, axis=0))
 
 
+def test_scan_groups_are_contiguous_blocks_of_every_device_share():
+  # 32 images on 8 devices, 2 of each device's 4 a step: group 0 takes images 0-1 of every
+  # share, group 1 images 2-3, so that a group is a view of each share, not a strided copy.
+  assert jax.device_count() == 8, "tests/conftest.py forces 8 host devices"
+
+  def record(total, group):
+    step, seen = total
+    return step + 1, seen.at[step].set(group[0])
+
+  _, seen = convolution.scan_over_batch(
+      record, (0, jnp.zeros((2, 16), jnp.int32)), [jnp.arange(32)], 2
+  )
+  shares = np.arange(32).reshape(8, 2, 2)  # [share, group, image]
+  np.testing.assert_array_equal(seen, shares.transpose(1, 0, 2).reshape(2, 16))
+
+
 def test_scan_over_a_sharded_batch_gathers_nothing():
   # A group holds one image of each device's share (4 groups of 8 images): groups of
-  # consecutive images would each lie on one device, and GSPMD would gather the whole batch.
+  # consecutive images of the whole batch would each lie on one device, and GSPMD would gather
+  # the whole batch.
   assert jax.device_count() == 8, "tests/conftest.py forces 8 host devices"
   values = batch_sharded(jnp.arange(32 * 5, dtype=jnp.float32).reshape(32, 5) ** 2)
   scan = jax.jit(lambda v: convolution.scan_over_batch(add_rows, jnp.zeros(5), [v], 1))
   program = scan.lower(values).compile().as_text()
   assert "while" in program and "all-gather" not in program
   np.testing.assert_array_equal(scan(values), jnp.sum(values, axis=0))
+
+
+def test_scan_copies_no_batch_sized_array():
+  # 6 images, grouped as on one device, one a step: with its axes of size 1 kept
+  # ([1, 6, 1, ...]), XLA:CPU gave the scanned arrays a layout of their own and copied the padded
+  # input and the cotangent once more to undo it.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(6, 16, 16, 32)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 32)), jnp.float32)
+  loss = lambda k, x: jnp.sum(jnp.tanh(mobilefacenet.depthwise_conv(x, k, 1, 1, "shifted")) ** 2)
+  program = jax.jit(jax.grad(loss)).lower(kernel, x).compile().as_text()
+  copies = [
+      re.search(r"= \w+\[([\d,]*)\]", line).group(1)
+      for line in program.splitlines()
+      if " copy(" in line or "calls=%wrapped_copy" in line
+  ]
+  assert "while" in program
+  assert all(math.prod(int(d) for d in shape.split(",") if d) < x.size for shape in copies), copies
 
 
 @pytest.mark.parametrize("layer", ["patches", "depthwise"])
@@ -250,7 +287,7 @@ def test_pointwise_convolution_is_a_matrix_product_on_the_cpu():
         ((3, 3, 4, 8), (2, 2), ((1, 1), (1, 1)), {"rhs_dilation": (2, 2)}),
         ((1, 1, 4, 8), (1, 1), ((1, 1), (1, 1)), {}),  # a padded 1x1 kernel
         ((3, 3, 4, 8), (2, 2), ((-1, 1), (1, 1)), {}),  # negative padding
-        ((3, 3, 4, 8), (1, 1), ((1, 1), (1, 1)), {}),  # stride 1, few input channels
+        ((3, 3, 3, 8), (1, 1), ((1, 1), (1, 1)), {}),  # an RGB stem (stride 1)
     ],
 )
 def test_other_convolutions_are_lax_own(kernel_shape, strides, padding, kwargs):

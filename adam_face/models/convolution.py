@@ -19,12 +19,12 @@ batch 64, `--layers iresnet50` at batch 8) and `python -m benchmarks.bench_train
   JAX's input gradient of a stride-s convolution is a convolution of the cotangent dilated by s
   (`lhs_dilation`), which XLA:CPU runs up to 8x slower than the forward pass (tiny's first
   stage: 81.4 ms against 36.7 for the whole backward).
-* A kernel with at least PATCH_GRADIENT_MIN_CHANNELS input channels (every 3x3 layer of the
-  full-size iResNets but the stem) takes its kernel gradient as matrix products over image
-  patches, a few images at a time (`patch_kernel_gradient`). XLA:CPU's kernel gradient is a
-  convolution whose window is the whole cotangent map, run after transposing both operands to
-  put the batch innermost (iresnet50's layers: 674 ms of kernel gradients against 300; the
-  train steps of iresnet18 and iresnet50 1.19-1.28x and 1.13-1.20x faster in two runs).
+* A kernel with at least PATCH_GRADIENT_MIN_CHANNELS input channels (every 3x3 layer but the
+  3-channel stems) takes its kernel gradient as matrix products over image patches, a few
+  images at a time (`patch_kernel_gradient`). XLA:CPU's kernel gradient is a convolution whose
+  window is the whole cotangent map, run after transposing both operands to put the batch
+  innermost (iresnet50's layers: 674 ms of kernel gradients against 300; the train steps of
+  iresnet18 and iresnet50 1.19-1.28x and 1.13-1.20x faster in two runs).
 
 The phases need no dilation. Along one axis, input pixel i gets the cotangent of output o through
 tap k exactly when s*o + k = i + pad_low; writing i + pad_low = s*q + r (0 <= r < s), the taps
@@ -39,9 +39,7 @@ taken by phases (one of its s*s phases is non-zero) but as a matrix product.
 Tried and not kept: the kernel gradient as one matrix product over the whole batch's patches,
 shifted windows or an explicit im2col (bench_conv_backward's other columns) loses at the large
 112x112 and 56x56 maps, where the time is; taking the patches a few images at a time is what
-wins there. For layers under PATCH_GRADIENT_MIN_CHANNELS input channels the patches won alone
-(tiny's kernel gradients: 197 ms against 97) but not in tiny's or MobileFaceNet's train step
-(0.98-1.00x and 0.97-1.00x in two runs), so those keep XLA's own. The whole strided convolution
+wins there. The whole strided convolution
 as a stride-1 one over the input's space-to-depth rearrangement lost too (ad hoc: XLA:CPU's
 rearrangement cost more than it saved).
 """
@@ -112,11 +110,15 @@ def phase_input_gradient(input_shape, kernel, cotangent, strides, padding, preci
 def scan_over_batch(add_group, init, arrays, images_per_device):
   """lax.scan of add_group(total, group) over the batch of `arrays` (each [B, ...]), in groups.
 
-  A group holds up to `images_per_device` images of every device's share of the batch, taken at
-  a stride: of n groups, group g is images g, g + n, g + 2n, ... The train step shards the batch
-  over every device (classifier.create_mesh); groups of consecutive images would each lie on one
-  device, and GSPMD would gather the whole batch onto every device to scan it. (A batch that
-  does not divide among the devices is grouped as on one device.)
+  A group holds up to `images_per_device` consecutive images of every device's share of the
+  batch: with d devices, shares of m images and n groups of k = m/n, group g is images
+  s*m + g*k ... s*m + g*k + k - 1 of every share s. The train step shards the batch over every
+  device (classifier.create_mesh); groups of consecutive images of the whole batch would each
+  lie on one device, and GSPMD would gather the whole batch onto every device to scan it. Within
+  a share a group is one contiguous block, a view of the batch: with groups taken at a stride
+  across the batch (images g, g + n, g + 2n, ..., until 2026-12-01), tiny's compiled step wrote
+  each scanned array out once more, in group order, before the loop. (A batch that does not
+  divide among the devices is grouped as on one device.)
 
   Args:
     add_group: (total, [group of each array, [images, ...]]) -> total.
@@ -132,10 +134,20 @@ def scan_over_batch(add_group, init, arrays, images_per_device):
   share = batch // devices
   per_device = max(d for d in range(1, min(images_per_device, share) + 1) if share % d == 0)
   groups = share // per_device
-  strided = [a.reshape(batch // groups, groups, *a.shape[1:]) for a in arrays]
+  # [devices, groups, per_device, ...] without its axes of size 1: XLA:CPU gave those a layout of
+  # their own and copied every scanned array once more to undo it.
+  leading = (devices,) if devices > 1 else ()
+  block_shape = (*leading, groups, *((per_device,) if per_device > 1 else ()))
+  blocks = [a.reshape(*block_shape, *a.shape[1:]) for a in arrays]
 
   def step(total, index):
-    return add_group(total, [lax.dynamic_index_in_dim(a, index, 1, False) for a in strided]), None
+    group = [
+        lax.dynamic_index_in_dim(a, index, len(leading), False).reshape(
+            devices * per_device, *a.shape[len(block_shape) :]
+        )
+        for a in blocks
+    ]
+    return add_group(total, group), None
 
   return lax.scan(step, init, jnp.arange(groups))[0]
 
@@ -225,13 +237,16 @@ def patch_kernel_gradient(x, cotangent, kernel_shape, strides, padding, precisio
   return total.reshape(kh, out_channels, kw, in_channels).transpose(0, 2, 3, 1)
 
 
-# Input channels from which the kernel gradient is taken by patch_kernel_gradient. The train steps
-# of iResNet-18 and -50 (64 to 512 channels) ran 1.13-1.28x faster with it; tiny's (8 to 64
-# channels) and MobileFaceNet's (only its 3-channel stem qualifies) 0.97-1.00x with it in every
-# layer, although tiny's kernel gradients alone ran 2x faster (`bench_train_step
-# --xla_kernel_gradients [--patch_gradient_min_channels=1]`, bench_conv_backward;
-# benchmarks/README.md). So narrow layers keep XLA's own, the smaller program.
-PATCH_GRADIENT_MIN_CHANNELS = 64
+# Input channels from which the kernel gradient is taken by patch_kernel_gradient: every layer but
+# the RGB stems (`bench_train_step --xla_kernel_gradients [--patch_gradient_min_channels=N]`,
+# benchmarks/README.md). The train steps of iResNet-18 and -50 (64 to 512 channels) ran
+# 1.13-1.28x faster with it on an Intel Xeon, iresnet18's 1.02x (two runs) on an AMD EPYC; tiny's
+# (8 to 64 channels, from 2026-12-01) 0.92-1.04x, median 1.03x, in seven runs on the EPYC with
+# the scan's groups contiguous, where with strided groups (and patches in every layer) it had
+# been 0.98-1.00x in three runs on both CPUs. The 3-channel stems keep XLA's own, the smaller
+# program: with them too, MobileFaceNet's step (whose only change that is) ran 1.02x and 0.98x,
+# and iresnet50's stem alone was slower (bench_conv_backward).
+PATCH_GRADIENT_MIN_CHANNELS = 4
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
