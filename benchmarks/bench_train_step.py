@@ -29,7 +29,7 @@ load average is printed: on a CPU shared with other work the rates are noisy.
   python -m benchmarks.bench_train_step --models=tiny,mobilefacenet,iresnet50
   python -m benchmarks.bench_train_step --models=tiny,iresnet18 --xla_kernel_gradients
       # adam_face's step also with XLA:CPU's own kernel gradients, in the same rounds
-      # (--patch_gradient_min_channels=1: patch_kernel_gradient in the 3-channel stems too)
+      # (--patch_gradient_min_channels=1: patch_kernel_gradient in every layer, tiny's too)
   python -m benchmarks.bench_train_step --dtype=bfloat16 --device=cuda --batch_size=256   # GPU
   python -m benchmarks.bench_train_step --models=iresnet50 --dtype=bfloat16 --device=cuda \
       --batch_size=128 --num_classes=2000000 --sample_rate=0.1   # GPU, WebFace42M-size Partial FC

@@ -287,7 +287,7 @@ def test_pointwise_convolution_is_a_matrix_product_on_the_cpu():
         ((3, 3, 4, 8), (2, 2), ((1, 1), (1, 1)), {"rhs_dilation": (2, 2)}),
         ((1, 1, 4, 8), (1, 1), ((1, 1), (1, 1)), {}),  # a padded 1x1 kernel
         ((3, 3, 4, 8), (2, 2), ((-1, 1), (1, 1)), {}),  # negative padding
-        ((3, 3, 3, 8), (1, 1), ((1, 1), (1, 1)), {}),  # an RGB stem (stride 1)
+        ((3, 3, 4, 8), (1, 1), ((1, 1), (1, 1)), {}),  # stride 1, few input channels
     ],
 )
 def test_other_convolutions_are_lax_own(kernel_shape, strides, padding, kwargs):

@@ -19,9 +19,9 @@ batch 64, `--layers iresnet50` at batch 8) and `python -m benchmarks.bench_train
   JAX's input gradient of a stride-s convolution is a convolution of the cotangent dilated by s
   (`lhs_dilation`), which XLA:CPU runs up to 8x slower than the forward pass (tiny's first
   stage: 81.4 ms against 36.7 for the whole backward).
-* A kernel with at least PATCH_GRADIENT_MIN_CHANNELS input channels (every 3x3 layer but the
-  3-channel stems) takes its kernel gradient as matrix products over image patches, a few
-  images at a time (`patch_kernel_gradient`). XLA:CPU's kernel gradient is a convolution whose
+* A kernel with at least PATCH_GRADIENT_MIN_CHANNELS input channels (every 3x3 layer of the
+  full-size iResNets but the stem) takes its kernel gradient as matrix products over image
+  patches, a few images at a time (`patch_kernel_gradient`). XLA:CPU's kernel gradient is a convolution whose
   window is the whole cotangent map, run after transposing both operands to put the batch
   innermost (iresnet50's layers: 674 ms of kernel gradients against 300; the train steps of
   iresnet18 and iresnet50 1.19-1.28x and 1.13-1.20x faster in two runs).
@@ -39,7 +39,9 @@ taken by phases (one of its s*s phases is non-zero) but as a matrix product.
 Tried and not kept: the kernel gradient as one matrix product over the whole batch's patches,
 shifted windows or an explicit im2col (bench_conv_backward's other columns) loses at the large
 112x112 and 56x56 maps, where the time is; taking the patches a few images at a time is what
-wins there. The whole strided convolution
+wins there. For layers under PATCH_GRADIENT_MIN_CHANNELS input channels the patches won alone
+(tiny's kernel gradients: 197 ms against 97 on the Xeon, 103 against 44 on the EPYC) but not
+clearly in tiny's train step (see PATCH_GRADIENT_MIN_CHANNELS). The whole strided convolution
 as a stride-1 one over the input's space-to-depth rearrangement lost too (ad hoc: XLA:CPU's
 rearrangement cost more than it saved).
 """
@@ -134,18 +136,20 @@ def scan_over_batch(add_group, init, arrays, images_per_device):
   share = batch // devices
   per_device = max(d for d in range(1, min(images_per_device, share) + 1) if share % d == 0)
   groups = share // per_device
-  # [devices, groups, per_device, ...] without its axes of size 1: XLA:CPU gave those a layout of
-  # their own and copied every scanned array once more to undo it.
-  leading = (devices,) if devices > 1 else ()
-  block_shape = (*leading, groups, *((per_device,) if per_device > 1 else ()))
-  blocks = [a.reshape(*block_shape, *a.shape[1:]) for a in arrays]
+  # Sliced from [devices, share, ...], or from the batch itself on one device. Reshaped into
+  # [groups, images, ...], the scanned arrays were written out once more: XLA:CPU recomputed the
+  # BatchNorm in front of tiny's first layer into the new shape rather than read the forward
+  # pass's output, and gave axes of size 1 a layout of their own, copied back (benchmarks/
+  # profile_train_step.py shows such copies).
+  axis = 0 if devices == 1 else 1
+  blocks = [a if devices == 1 else a.reshape(devices, share, *a.shape[1:]) for a in arrays]
 
   def step(total, index):
     group = [
-        lax.dynamic_index_in_dim(a, index, len(leading), False).reshape(
-            devices * per_device, *a.shape[len(block_shape) :]
+        lax.dynamic_slice_in_dim(block, index * per_device, per_device, axis).reshape(
+            devices * per_device, *array.shape[1:]
         )
-        for a in blocks
+        for block, array in zip(blocks, arrays)
     ]
     return add_group(total, group), None
 
@@ -237,16 +241,14 @@ def patch_kernel_gradient(x, cotangent, kernel_shape, strides, padding, precisio
   return total.reshape(kh, out_channels, kw, in_channels).transpose(0, 2, 3, 1)
 
 
-# Input channels from which the kernel gradient is taken by patch_kernel_gradient: every layer but
-# the RGB stems (`bench_train_step --xla_kernel_gradients [--patch_gradient_min_channels=N]`,
+# Input channels from which the kernel gradient is taken by patch_kernel_gradient
+# (`bench_train_step --xla_kernel_gradients [--patch_gradient_min_channels=N]`,
 # benchmarks/README.md). The train steps of iResNet-18 and -50 (64 to 512 channels) ran
-# 1.13-1.28x faster with it on an Intel Xeon, iresnet18's 1.02x (two runs) on an AMD EPYC; tiny's
-# (8 to 64 channels, from 2026-12-01) 0.92-1.04x, median 1.03x, in seven runs on the EPYC with
-# the scan's groups contiguous, where with strided groups (and patches in every layer) it had
-# been 0.98-1.00x in three runs on both CPUs. The 3-channel stems keep XLA's own, the smaller
-# program: with them too, MobileFaceNet's step (whose only change that is) ran 1.02x and 0.98x,
-# and iresnet50's stem alone was slower (bench_conv_backward).
-PATCH_GRADIENT_MIN_CHANNELS = 4
+# 1.13-1.28x faster with it on an Intel Xeon, iresnet18's 1.02x (two runs) on an AMD EPYC. With
+# it from 4 channels (all but the RGB stems), tiny's step (8 to 64 channels) ran 0.92-1.04x,
+# median 1.02x, in eight runs on the EPYC: no clear win, so narrow layers keep XLA's own, the
+# smaller program.
+PATCH_GRADIENT_MIN_CHANNELS = 64
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
