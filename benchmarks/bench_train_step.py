@@ -18,11 +18,12 @@ random normalised images and labels that already lie on the device (no input pip
 PyTorch runs in a spawned child process (its own threads and allocator; a PyTorch crash is
 reported, not fatal) that this process drives, so the timed steps run in alternating rounds
 (adam_face, PyTorch; then PyTorch, adam_face; ...: the order reversed every other round) and a
-change in the machine's load hits both sides alike; the table reports the median round. Both use every CPU core: XLA's thread pool by default, PyTorch by
-torch.set_num_threads(os.cpu_count()). PyTorch's memory format (contiguous, channels_last) and
-OpenMP wait policy (as set, PASSIVE) are by default chosen per model by timing each after the
-warm-up; --torch_compile adds torch.compile (Inductor) to PyTorch's forward and loss. The 1-minute
-load average is printed: on a CPU shared with other work the rates are noisy.
+change in the machine's load hits both sides alike; the table reports the median round. Both use
+every CPU core: XLA's thread pool by default, PyTorch by torch.set_num_threads(os.cpu_count()).
+PyTorch's memory format (contiguous, channels_last) and OpenMP wait policy (as set, PASSIVE) are by
+default chosen per model by timing each after the warm-up; --torch_compile adds torch.compile
+(Inductor) to PyTorch's forward and loss. The 1-minute load average is printed: on a CPU shared
+with other work the rates are noisy.
 
   python -m benchmarks.bench_train_step                 # tiny + mobilefacenet, ~2.5 min, 2 cores
   python -m benchmarks.bench_train_step --quick         # smoke test, ~1 min

@@ -21,10 +21,10 @@ batch 64, `--layers iresnet50` at batch 8) and `python -m benchmarks.bench_train
   stage: 81.4 ms against 36.7 for the whole backward).
 * A kernel with at least PATCH_GRADIENT_MIN_CHANNELS input channels (every 3x3 layer of the
   full-size iResNets but the stem) takes its kernel gradient as matrix products over image
-  patches, a few images at a time (`patch_kernel_gradient`). XLA:CPU's kernel gradient is a convolution whose
-  window is the whole cotangent map, run after transposing both operands to put the batch
-  innermost (iresnet50's layers: 674 ms of kernel gradients against 300; the train steps of
-  iresnet18 and iresnet50 1.19-1.28x and 1.13-1.20x faster in two runs).
+  patches, a few images at a time (`patch_kernel_gradient`). XLA:CPU's kernel gradient is a
+  convolution whose window is the whole cotangent map, run after transposing both operands to
+  put the batch innermost (iresnet50's layers: 674 ms of kernel gradients against 300; the
+  train steps of iresnet18 and iresnet50 1.19-1.28x and 1.13-1.20x faster in two runs).
 
 The phases need no dilation. Along one axis, input pixel i gets the cotangent of output o through
 tap k exactly when s*o + k = i + pad_low; writing i + pad_low = s*q + r (0 <= r < s), the taps
