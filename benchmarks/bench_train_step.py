@@ -180,19 +180,22 @@ def parse_args(argv=None):
 def train_config(
     model_name: str,
     *,
-    batch_size: int,
-    embedding_dim: int,
-    image_size: int,
-    dtype: str,
+    batch_size: int | None = None,
+    embedding_dim: int | None = None,
+    image_size: int = 112,
+    dtype: str = "float32",
     sample_rate: float = 1.0,
 ) -> ml_collections.ConfigDict:
-  """configs/default.py (SGD 0.9, wd 5e-4, clip 5, ArcFace s=64 m=0.5) with the given sizes."""
+  """configs/default.py (SGD 0.9, wd 5e-4, clip 5, ArcFace s=64 m=0.5) with the given sizes;
+  batch_size and embedding_dim default to the model's DEFAULT_BATCH and DEFAULT_EMBEDDING."""
   config = default.get_config()
   config.head.sample_rate = sample_rate
   config.model.name = model_name
-  config.model.embedding_dim = embedding_dim
+  config.model.embedding_dim = embedding_dim or DEFAULT_EMBEDDING.get(
+      model_name, DEFAULT_EMBEDDING_OTHER
+  )
   config.dataset.image_size = image_size
-  config.global_batch_size = batch_size
+  config.global_batch_size = batch_size or DEFAULT_BATCH.get(model_name, DEFAULT_BATCH_OTHER)
   config.compute_dtype = dtype
   return config
 
@@ -695,16 +698,15 @@ def fastest_torch_process(layout: dict, args, *, embedding_dim: int, batch_size:
 
 
 def benchmark_model(name: str, args) -> dict:
-  batch_size = args.batch_size or DEFAULT_BATCH.get(name, DEFAULT_BATCH_OTHER)
-  embedding_dim = args.embedding_dim or DEFAULT_EMBEDDING.get(name, DEFAULT_EMBEDDING_OTHER)
   config = train_config(
       name,
-      batch_size=batch_size,
-      embedding_dim=embedding_dim,
+      batch_size=args.batch_size,
+      embedding_dim=args.embedding_dim,
       image_size=args.image_size,
       dtype=args.dtype,
       sample_rate=args.sample_rate,
   )
+  batch_size, embedding_dim = config.global_batch_size, config.model.embedding_dim
   jax_step = AdamFaceStep(config, args.num_classes)
   row = {
       "model": name,

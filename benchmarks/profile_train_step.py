@@ -82,14 +82,21 @@ def layer_of(op_name: str, paths: set[tuple[str, ...]]) -> str:
 
 
 def event_milliseconds(trace_dir: str, steps: int) -> dict[str, float]:
-  """Milliseconds a step of each event name on XLA's thread-pool threads, summed over them."""
-  trace = next(pathlib.Path(trace_dir).rglob("*.xplane.pb"))
+  """Milliseconds a step of each event name on XLA:CPU's thread-pool threads, summed over them."""
+  trace = next(pathlib.Path(trace_dir).rglob("*.xplane.pb"), None)
+  if trace is None:
+    raise SystemExit(f"jax.profiler wrote no trace (*.xplane.pb) under {trace_dir}.")
   totals = collections.defaultdict(float)
   for plane in jax.profiler.ProfileData.from_file(str(trace)).planes:
     for line in plane.lines:
       if line.name.startswith("tf_XLAEigen"):
         for event in line.events:
           totals[event.name] += event.duration_ns / 1e6 / steps
+  if _EXECUTOR not in totals:
+    raise SystemExit(
+        "The trace holds no XLA:CPU thread-pool events: this profile reads the CPU backend's; "
+        "run it with JAX_PLATFORMS=cpu."
+    )
   return totals
 
 
@@ -101,28 +108,15 @@ def print_table(title: str, rows: dict[str, float], top: int) -> None:
 
 def main(argv=None):
   args = parse_args(argv)
-  batch_size = args.batch_size or bench_train_step.DEFAULT_BATCH.get(
-      args.model, bench_train_step.DEFAULT_BATCH_OTHER
-  )
-  embedding_dim = bench_train_step.DEFAULT_EMBEDDING.get(
-      args.model, bench_train_step.DEFAULT_EMBEDDING_OTHER
-  )
-  config = bench_train_step.train_config(
-      args.model,
-      batch_size=batch_size,
-      embedding_dim=embedding_dim,
-      image_size=112,
-      dtype="float32",
-      sample_rate=1.0,
-  )
+  config = bench_train_step.train_config(args.model, batch_size=args.batch_size)
   step = bench_train_step.AdamFaceStep(config, num_classes=1000)
   step.compile(args.patch_gradient_min_channels)
   step.run(3)
-  instructions = {}
+  instructions = {}  # name: (the line, the result's type)
   for line in step.step_fn.as_text().splitlines():
     match = _INSTRUCTION.match(line)
     if match:
-      instructions.setdefault(match.group(1), line.strip())
+      instructions.setdefault(match.group(1), (line, match.group(2)))
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir)
     seconds = step.run(args.steps)
@@ -134,14 +128,15 @@ def main(argv=None):
   for name, ms in events.items():
     if name not in instructions:
       continue
-    op_name = _OP_NAME.search(instructions[name])
+    line, result_type = instructions[name]
+    op_name = _OP_NAME.search(line)
     layer = layer_of(op_name.group(1), paths) if op_name else "other"
     by_layer[layer] += ms
     by_kind[re.sub(r"\.\d+$", "", name)] += ms
-    by_instruction[f"{name} {_INSTRUCTION.match(instructions[name]).group(2)} ({layer})"] += ms
+    by_instruction[f"{name} {result_type} ({layer})"] += ms
   traced = sum(by_kind.values())
   print(
-      f"{args.model}, batch {batch_size}, {machine.cpu_model()}, jax {jax.__version__}, "
+      f"{args.model}, batch {config.global_batch_size}, {machine.cpu_model()}, jax {jax.__version__}, "
       f"PATCH_GRADIENT_MIN_CHANNELS {args.patch_gradient_min_channels or 'default'}: "
       f"{seconds / args.steps * 1e3:.1f} ms a traced step, executor {events[_EXECUTOR]:.1f} ms, "
       f"operations' events {traced:.1f} ms"
