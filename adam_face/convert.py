@@ -389,7 +389,7 @@ def _topological_order(graph, path: str) -> list[Any]:
 def _identity_bn(channels: int) -> dict[str, np.ndarray]:
   """The tensors of a BatchNorm that is the identity in eval mode: scale 1, bias 0, mean 0, and
   variance 1 - eps, so that var + eps is 1 (exactly, in float32)."""
-  epsilon = np.float32(models.iresnet.BN_EPSILON)
+  epsilon = np.float32(models.normalization.BN_EPSILON)
   return {
       "weight": np.ones(channels, np.float32),
       "bias": np.zeros(channels, np.float32),
@@ -615,7 +615,7 @@ class _OnnxIResNet:
       bn = {k: self._constant(node, i, k).astype(np.float64) for i, k in enumerate(names, 1)}
       # Another epsilon goes into the variance: BN divides by sqrt(var + eps), eps in float32.
       epsilon = np.float32(attributes.get("epsilon", 1e-5))
-      own = np.float32(models.iresnet.BN_EPSILON)
+      own = np.float32(models.normalization.BN_EPSILON)
       if epsilon != own:
         bn["running_var"] += np.float64(epsilon) - np.float64(own)
       tensor = node.output[0]

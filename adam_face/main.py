@@ -12,6 +12,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from adam_face import host_memory
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events, results.json and roc.png.")
 flags.DEFINE_bool(
@@ -97,4 +99,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_memory.restart_with_huge_pages()  # Before JAX allocates anything; see host_memory.
   app.run(main, flags_parser=parse_flags)

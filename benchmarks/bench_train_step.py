@@ -23,7 +23,10 @@ every CPU core: XLA's thread pool by default, PyTorch by torch.set_num_threads(o
 PyTorch's memory format (contiguous, channels_last) and OpenMP wait policy (as set, PASSIVE) are by
 default chosen per model by timing each after the warm-up; --torch_compile adds torch.compile
 (Inductor) to PyTorch's forward and loss. The 1-minute load average is printed: on a CPU shared
-with other work the rates are noisy.
+with other work the rates are noisy. Both sides run under the same glibc malloc setting: this
+process restarts itself with transparent huge pages as adam_face.main does
+(adam_face/host_memory.py) and PyTorch's child inherits its environment;
+GLIBC_TUNABLES=glibc.malloc.hugetlb=0 runs both without.
 
   python -m benchmarks.bench_train_step                 # tiny + mobilefacenet, ~2.5 min, 2 cores
   python -m benchmarks.bench_train_step --quick         # smoke test, ~1 min
@@ -57,8 +60,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from adam_face import classifier, models, train_step as ts
-from adam_face.models import convolution
+from adam_face import classifier, host_memory, models, train_step as ts
+from adam_face.models import convolution, normalization
 from adam_face.models.mobilefacenet import BOTTLENECKS, MobileFaceNet
 from configs import default
 
@@ -144,6 +147,12 @@ def parse_args(argv=None):
       action="store_true",
       help="also time adam_face's step with XLA:CPU's own kernel gradients in every "
       "convolution (convolution.patch_kernel_gradient switched off), in the same rounds",
+  )
+  parser.add_argument(
+      "--autodiff_batch_norm",
+      action="store_true",
+      help="also time adam_face's step with train-mode BatchNorm by autodiff of flax's "
+      "formulas (normalization.batch_norm_prelu switched off), in the same rounds",
   )
   parser.add_argument(
       "--patch_gradient_min_channels",
@@ -243,21 +252,26 @@ class AdamFaceStep:
     self.num_params = backbone + num_classes * config.model.embedding_dim  # Without class padding.
     self.num_backbone_params = backbone
 
-  def compile(self, patch_gradient_min_channels: float | None = None) -> float:
+  def compile(
+      self, patch_gradient_min_channels: float | None = None, written_out_batch_norm: bool = True
+  ) -> float:
     """Compiles the step ahead of its first call; returns the seconds that took.
 
     patch_gradient_min_channels, where given, replaces convolution.PATCH_GRADIENT_MIN_CHANNELS
     while the step is traced (math.inf: XLA:CPU's own kernel gradient in every convolution, the
-    program adam_face ran before patch_kernel_gradient).
+    program adam_face ran before patch_kernel_gradient); written_out_batch_norm=False traces
+    train-mode BatchNorm by autodiff of flax's formulas (normalization.WRITTEN_OUT_GRADIENT_ON_CPU
+    off, the program adam_face ran before batch_norm_prelu).
     """
     start = time.perf_counter()
-    saved = convolution.PATCH_GRADIENT_MIN_CHANNELS
+    saved = convolution.PATCH_GRADIENT_MIN_CHANNELS, normalization.WRITTEN_OUT_GRADIENT_ON_CPU
     if patch_gradient_min_channels is not None:
       convolution.PATCH_GRADIENT_MIN_CHANNELS = patch_gradient_min_channels
+    normalization.WRITTEN_OUT_GRADIENT_ON_CPU = written_out_batch_norm
     try:
       self.step_fn = self.step_fn.lower(self.state, self.batch).compile()
     finally:
-      convolution.PATCH_GRADIENT_MIN_CHANNELS = saved
+      convolution.PATCH_GRADIENT_MIN_CHANNELS, normalization.WRITTEN_OUT_GRADIENT_ON_CPU = saved
     return time.perf_counter() - start
 
   def run(self, steps: int, host_batches: Iterator[dict[str, np.ndarray]] | None = None) -> float:
@@ -696,6 +710,24 @@ def fastest_torch_process(layout: dict, args, *, embedding_dim: int, batch_size:
 
 # ------------------------------------------------------------------------------ driver
 
+# adam_face's step as it was before one of its CPU rewrites, timed in the same rounds when the
+# flag of that name is given: AdamFaceStep.compile's options, then the gain table's two column
+# titles (adam_face's step, the variant's) and what differs.
+VARIANTS = {
+    "xla_kernel_gradients": (
+        {"patch_gradient_min_channels": math.inf},
+        "patch dw img/s",
+        "XLA dw img/s",
+        "kernel gradients by patch_kernel_gradient or XLA's own",
+    ),
+    "autodiff_batch_norm": (
+        {"written_out_batch_norm": False},
+        "written img/s",
+        "autodiff img/s",
+        "train-mode BatchNorm by batch_norm_prelu or autodiff of flax's formulas",
+    ),
+}
+
 
 def benchmark_model(name: str, args) -> dict:
   config = train_config(
@@ -721,10 +753,11 @@ def benchmark_model(name: str, args) -> dict:
       torch_layout(jax_step.model), args, embedding_dim=embedding_dim, batch_size=batch_size
   )
   sides = {"adam_face": jax_step}
-  if args.xla_kernel_gradients:
-    sides["adam_face_xla_dw"] = AdamFaceStep(config, args.num_classes)
-    sides["adam_face_xla_dw"].compile(patch_gradient_min_channels=math.inf)
-    sides["adam_face_xla_dw"].run(args.warmup_steps)
+  for variant, (compile_options, *_) in VARIANTS.items():
+    if getattr(args, variant):
+      sides[f"adam_face_{variant}"] = AdamFaceStep(config, args.num_classes)
+      sides[f"adam_face_{variant}"].compile(**compile_options)
+      sides[f"adam_face_{variant}"].run(args.warmup_steps)
   if torch_step is not None:
     sides["torch"] = torch_step
   try:
@@ -745,7 +778,7 @@ def benchmark_model(name: str, args) -> dict:
     for side, step in sides.items():
       row[f"{side}_images_per_s"] = statistics.median(rates[side])
       row[f"{side}_rounds"] = rates[side]
-      if args.breakdown and side != "adam_face_xla_dw":
+      if args.breakdown and side in ("adam_face", "torch"):
         row[f"{side}_breakdown"] = step.breakdown(args.steps_per_round)
   finally:
     if torch_step is not None:
@@ -773,7 +806,8 @@ def main(argv=None):
       f"sample_rate={args.sample_rate}, "
       f"image={args.image_size}, ArcFace s={ARCFACE_S} m={ARCFACE_M}, SGD 0.9 wd 5e-4 clip 5; "
       f"median of {args.rounds} round(s) of {args.steps_per_round} step(s) after "
-      f"{args.warmup_steps} warm-up",
+      f"{args.warmup_steps} warm-up; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES') or 'unset'} "
+      "(both sides)",
       flush=True,
   )
   rows = []
@@ -817,18 +851,18 @@ def main(argv=None):
           else ""
       )
   )
-  if args.xla_kernel_gradients:
-    print(
-        f"\n{'model':<14}{'patch dw img/s':>15}{'XLA dw img/s':>14}{'gain':>7}"
-        "   (adam_face, kernel gradients by patch_kernel_gradient or XLA's own)"
-    )
+  for variant, (_, ours, theirs, what) in VARIANTS.items():
+    if not getattr(args, variant):
+      continue
+    print(f"\n{'model':<14}{ours:>15}{theirs:>15}{'gain':>7}   (adam_face, {what})")
     for row in rows:
-      patch, xla = row["adam_face_rounds"], row["adam_face_xla_dw_rounds"]
       # The median of the rounds' ratios: both ran in every round, under the same load.
-      gain = statistics.median(p / x for p, x in zip(patch, xla))
+      gain = statistics.median(
+          a / b for a, b in zip(row["adam_face_rounds"], row[f"adam_face_{variant}_rounds"])
+      )
       print(
           f"{row['model']:<14}{row['adam_face_images_per_s']:>15.1f}"
-          f"{row['adam_face_xla_dw_images_per_s']:>14.1f}{gain:>6.2f}x"
+          f"{row[f'adam_face_{variant}_images_per_s']:>15.1f}{gain:>6.2f}x"
       )
   if args.breakdown:
     print(
@@ -855,6 +889,7 @@ def main(argv=None):
       "machine": platform.machine(),
       "processor": platform.processor(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       "load_average": [load_before, load_after],
       "rows": rows,
   }
@@ -864,4 +899,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host_memory.restart_with_huge_pages()  # As adam_face.main runs, for both sides.
   main()

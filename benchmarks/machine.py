@@ -33,8 +33,11 @@ def median_seconds(fn, steps: int, warm_up: bool = True) -> float:
   return sorted(times)[len(times) // 2]
 
 
-def run_worker(module: str, args: list[str], xla_flags: str = "") -> tuple[object, str | None]:
-  """Runs `python -m MODULE --worker ARGS` on the CPU, with XLA_FLAGS set to xla_flags.
+def run_worker(
+    module: str, args: list[str], xla_flags: str = "", environment: dict[str, str] | None = None
+) -> tuple[object, str | None]:
+  """Runs `python -m MODULE --worker ARGS` on the CPU, with XLA_FLAGS set to xla_flags and the
+  variables of `environment` set.
 
   A process per flag set: XLA reads its flags once, when jax starts.
 
@@ -43,6 +46,7 @@ def run_worker(module: str, args: list[str], xla_flags: str = "") -> tuple[objec
     error output) when it failed.
   """
   env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env.update(environment or {})
   done = subprocess.run(
       [sys.executable, "-m", module, "--worker", *args],
       env=env,

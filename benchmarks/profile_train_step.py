@@ -28,6 +28,7 @@ import tempfile
 
 import jax
 
+from adam_face import host_memory
 from benchmarks import bench_train_step
 from benchmarks import machine
 
@@ -147,4 +148,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host_memory.restart_with_huge_pages()  # As adam_face.main runs, for both sides.
   main()

@@ -287,7 +287,8 @@ def test_pointwise_convolution_is_a_matrix_product_on_the_cpu():
         ((3, 3, 4, 8), (2, 2), ((1, 1), (1, 1)), {"rhs_dilation": (2, 2)}),
         ((1, 1, 4, 8), (1, 1), ((1, 1), (1, 1)), {}),  # a padded 1x1 kernel
         ((3, 3, 4, 8), (2, 2), ((-1, 1), (1, 1)), {}),  # negative padding
-        ((3, 3, 4, 8), (1, 1), ((1, 1), (1, 1)), {}),  # stride 1, few input channels
+        # stride 1, fewer input channels than PATCH_GRADIENT_MIN_CHANNELS
+        ((3, 3, convolution.PATCH_GRADIENT_MIN_CHANNELS - 1, 8), (1, 1), ((1, 1), (1, 1)), {}),
     ],
 )
 def test_other_convolutions_are_lax_own(kernel_shape, strides, padding, kwargs):

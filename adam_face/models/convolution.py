@@ -19,12 +19,13 @@ batch 64, `--layers iresnet50` at batch 8) and `python -m benchmarks.bench_train
   JAX's input gradient of a stride-s convolution is a convolution of the cotangent dilated by s
   (`lhs_dilation`), which XLA:CPU runs up to 8x slower than the forward pass (tiny's first
   stage: 81.4 ms against 36.7 for the whole backward).
-* A kernel with at least PATCH_GRADIENT_MIN_CHANNELS input channels (every 3x3 layer of the
-  full-size iResNets but the stem) takes its kernel gradient as matrix products over image
+* A kernel with at least PATCH_GRADIENT_MIN_CHANNELS input channels (every 3x3 layer but the
+  RGB stems) takes its kernel gradient as matrix products over image
   patches, a few images at a time (`patch_kernel_gradient`). XLA:CPU's kernel gradient is a
   convolution whose window is the whole cotangent map, run after transposing both operands to
   put the batch innermost (iresnet50's layers: 674 ms of kernel gradients against 300; the
-  train steps of iresnet18 and iresnet50 1.19-1.28x and 1.13-1.20x faster in two runs).
+  train steps of iresnet18 and iresnet50 1.19-1.28x and 1.13-1.20x faster in two runs; tiny's
+  1.12-1.13x).
 
 The phases need no dilation. Along one axis, input pixel i gets the cotangent of output o through
 tap k exactly when s*o + k = i + pad_low; writing i + pad_low = s*q + r (0 <= r < s), the taps
@@ -39,9 +40,7 @@ taken by phases (one of its s*s phases is non-zero) but as a matrix product.
 Tried and not kept: the kernel gradient as one matrix product over the whole batch's patches,
 shifted windows or an explicit im2col (bench_conv_backward's other columns) loses at the large
 112x112 and 56x56 maps, where the time is; taking the patches a few images at a time is what
-wins there. For layers under PATCH_GRADIENT_MIN_CHANNELS input channels the patches won alone
-(tiny's kernel gradients: 197 ms against 97 on the Xeon, 103 against 44 on the EPYC) but not
-clearly in tiny's train step (see PATCH_GRADIENT_MIN_CHANNELS). The whole strided convolution
+wins there. The whole strided convolution
 as a stride-1 one over the input's space-to-depth rearrangement lost too (ad hoc: XLA:CPU's
 rearrangement cost more than it saved).
 """
@@ -244,11 +243,13 @@ def patch_kernel_gradient(x, cotangent, kernel_shape, strides, padding, precisio
 # Input channels from which the kernel gradient is taken by patch_kernel_gradient
 # (`bench_train_step --xla_kernel_gradients [--patch_gradient_min_channels=N]`,
 # benchmarks/README.md). The train steps of iResNet-18 and -50 (64 to 512 channels) ran
-# 1.13-1.28x faster with it on an Intel Xeon, iresnet18's 1.02x (two runs) on an AMD EPYC. With
-# it from 4 channels (all but the RGB stems), tiny's step (8 to 64 channels) ran 0.92-1.04x,
-# median 1.02x, in eight runs on the EPYC: no clear win, so narrow layers keep XLA's own, the
-# smaller program.
-PATCH_GRADIENT_MIN_CHANNELS = 64
+# 1.13-1.28x faster with it on an Intel Xeon, iresnet18's 1.02x (two runs) on an AMD EPYC.
+# tiny's (8 to 64 channels) ran 1.12x and 1.13x faster with it from 4 channels, in two runs on the
+# EPYC once the steps no longer paid page faults for their temporaries (adam_face/host_memory.py;
+# with the faults, eight runs had printed 0.92-1.04x and the threshold had stayed at 64). From 1
+# channel, the RGB stems too, it gave tiny 1.10x and MobileFaceNet 1.02x (one run): no gain for
+# the stems, which keep XLA's own, the smaller program.
+PATCH_GRADIENT_MIN_CHANNELS = 4
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

@@ -9,8 +9,8 @@ the first unit of every stage halves it (112 -> 56 -> 28 -> 14 -> 7), so the hea
 input width is taken from the feature map at initialisation.
 
 Mixed precision: parameters are float32; convolutions, BatchNorm outputs and PReLUs of the body
-compute in `dtype`; BatchNorm statistics are reduced and stored in float32 (flax promotes the
-reductions); the embedding projection (dense + BN) runs in float32 and returns float32, as
+compute in `dtype`; BatchNorm statistics are reduced and stored in float32
+(normalization.BatchNorm); the embedding projection (dense + BN) runs in float32 and returns float32, as
 insightface does for its fp16 training (it casts to float before the final fc).
 """
 
@@ -22,10 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from adam_face.models import convolution
-
-# PyTorch's BatchNorm momentum 0.1 is flax's 0.9 (flax keeps 0.9 of the old average).
-BN_MOMENTUM = 0.9
-BN_EPSILON = 1e-5
+from adam_face.models.normalization import PReLU, batch_norm
 
 # He-normal initialisation for convolutions, suited to the PReLU/ReLU-like nonlinearities that
 # follow them. fan_in rather than torchvision's fan_out: for a depthwise kernel [h, w, 1, C] the
@@ -46,19 +43,6 @@ def conv_layer(dtype: Any) -> functools.partial:
   )
 
 
-def batch_norm(train: bool, dtype: Any, **kwargs) -> functools.partial:
-  """BatchNorm with insightface's epsilon and momentum; statistics always kept in float32."""
-  return functools.partial(
-      nn.BatchNorm,
-      use_running_average=not train,
-      momentum=BN_MOMENTUM,
-      epsilon=BN_EPSILON,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      **kwargs,
-  )
-
-
 def check_images(images) -> None:
   """Rejects inputs that are not normalised float images [B, H, W, C] with a clear message."""
   if images.ndim != 4:
@@ -71,20 +55,6 @@ def check_images(images) -> None:
         f"Expected float images normalised as (x - 127.5) / 128, got dtype {images.dtype}; "
         "normalise the images before calling the model."
     )
-
-
-class PReLU(nn.Module):
-  """Parametric ReLU with one learned slope per channel (He et al., ICCV 2015).
-
-  flax's nn.PReLU learns one scalar; insightface (PyTorch nn.PReLU(channels), MXNet's prelu)
-  learns a slope per channel, initialised at 0.25. The slope is a float32 parameter cast to
-  the activation's dtype.
-  """
-
-  @nn.compact
-  def __call__(self, x):
-    slope = self.param("slope", nn.initializers.constant(0.25), (x.shape[-1],), jnp.float32)
-    return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
 
 
 class IRUnit(nn.Module):
@@ -107,8 +77,7 @@ class IRUnit(nn.Module):
     # stride-2 shortcut (both must sample pixels 0, 2, 4, ...).
     y = norm(name="bn1")(x)
     y = conv(self.features, (3, 3), padding=1, name="conv1")(y)
-    y = norm(name="bn2")(y)
-    y = PReLU(name="prelu")(y)
+    y = norm(name="bn2")(y, prelu=PReLU(name="prelu"))
     y = conv(self.features, (3, 3), strides=self.strides, padding=1, name="conv2")(y)
     y = norm(name="bn3")(y)
     if self.strides != 1 or x.shape[-1] != self.features:
@@ -167,8 +136,7 @@ class IResNet(nn.Module):
       raise ValueError(f"Every stage needs at least one unit, got depths {self.stage_depths}.")
     x = images.astype(self.dtype)
     x = conv_layer(self.dtype)(self.stage_widths[0], (3, 3), padding=1, name="stem_conv")(x)
-    x = batch_norm(train, self.dtype)(name="stem_bn")(x)
-    x = PReLU(name="stem_prelu")(x)
+    x = batch_norm(train, self.dtype)(name="stem_bn")(x, prelu=PReLU(name="stem_prelu"))
     for stage, (depth, width) in enumerate(zip(self.stage_depths, self.stage_widths), start=1):
       for unit in range(1, depth + 1):
         x = IRUnit(

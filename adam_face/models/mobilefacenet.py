@@ -36,7 +36,8 @@ from jax import lax
 import jax.numpy as jnp
 
 from adam_face.models import convolution
-from adam_face.models.iresnet import CONV_INIT, PReLU, batch_norm, check_images, conv_layer
+from adam_face.models.iresnet import CONV_INIT, check_images, conv_layer
+from adam_face.models.normalization import PReLU, batch_norm
 
 # (expansion factor t, output channels c, repeats n, stride of the first repeat s): Table 1.
 BOTTLENECKS = ((2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1))
@@ -253,9 +254,9 @@ class Bottleneck(nn.Module):
     norm = batch_norm(train, self.dtype)
     hidden = x.shape[-1] * self.expansion
     y = conv(hidden, (1, 1), name="expand_conv")(x)
-    y = PReLU(name="expand_prelu")(norm(name="expand_bn")(y))
+    y = norm(name="expand_bn")(y, prelu=PReLU(name="expand_prelu"))
     y = DepthwiseConv((3, 3), self.strides, padding=1, dtype=self.dtype, name="depthwise_conv")(y)
-    y = PReLU(name="depthwise_prelu")(norm(name="depthwise_bn")(y))
+    y = norm(name="depthwise_bn")(y, prelu=PReLU(name="depthwise_prelu"))
     y = conv(self.features, (1, 1), name="project_conv")(y)
     y = norm(name="project_bn")(y)
     if self.strides == 1 and x.shape[-1] == self.features:
@@ -297,10 +298,10 @@ class MobileFaceNet(nn.Module):
           f"stem_groups {groups} does not divide stem_width {self.stem_width}; pick a divisor."
       )
     x = conv(self.stem_width, (3, 3), strides=2, padding=1, name="stem_conv")(x)
-    x = PReLU(name="stem_prelu")(norm(name="stem_bn")(x))
+    x = norm(name="stem_bn")(x, prelu=PReLU(name="stem_prelu"))
     if groups == self.stem_width:
       x = DepthwiseConv((3, 3), padding=1, dtype=self.dtype, name="stem_depthwise_conv")(x)
-      x = PReLU(name="stem_depthwise_prelu")(norm(name="stem_depthwise_bn")(x))
+      x = norm(name="stem_depthwise_bn")(x, prelu=PReLU(name="stem_depthwise_prelu"))
     else:
       x = conv(
           self.stem_width,
@@ -309,7 +310,7 @@ class MobileFaceNet(nn.Module):
           feature_group_count=groups,
           name="stem_grouped_conv",
       )(x)
-      x = PReLU(name="stem_grouped_prelu")(norm(name="stem_grouped_bn")(x))
+      x = norm(name="stem_grouped_bn")(x, prelu=PReLU(name="stem_grouped_prelu"))
     index = 0
     for expansion, features, repeats, strides in self.bottlenecks:
       for repeat in range(repeats):
@@ -322,7 +323,7 @@ class MobileFaceNet(nn.Module):
             name=f"bottleneck{index}",
         )(x, train)
     x = conv(512, (1, 1), name="expand_conv")(x)
-    x = PReLU(name="expand_prelu")(norm(name="expand_bn")(x))
+    x = norm(name="expand_bn")(x, prelu=PReLU(name="expand_prelu"))
     # Linear GDConv: one depthwise kernel spanning the whole remaining map, no nonlinearity.
     x = DepthwiseConv(x.shape[1:3], dtype=self.dtype, name="gdconv")(x)
     x = norm(name="gdconv_bn")(x)
