@@ -18,7 +18,11 @@ random normalised images and labels that already lie on the device (no input pip
 PyTorch runs in a spawned child process (its own threads and allocator; a PyTorch crash is
 reported, not fatal) that this process drives, so the timed steps run in alternating rounds
 (adam_face, PyTorch; then PyTorch, adam_face; ...: the order reversed every other round) and a
-change in the machine's load hits both sides alike; the table reports the median round. Both use
+change in the machine's load hits both sides alike; the table reports the median round. In every
+round each side takes one untimed step before its timed ones: the first step of a side after
+PyTorch's was slow (with --autodiff_batch_norm, whose side ran right after PyTorch's in every
+other round, MobileFaceNet's "gain" printed 1.35-1.60x; with the untimed step 1.09x, as in a
+process of the adam_face sides alone). Both use
 every CPU core: XLA's thread pool by default, PyTorch by torch.set_num_threads(os.cpu_count()).
 PyTorch's memory format (contiguous, channels_last) and OpenMP wait policy (as set, PASSIVE) are by
 default chosen per model by timing each after the warm-up; --torch_compile adds torch.compile
@@ -28,12 +32,14 @@ process restarts itself with transparent huge pages as adam_face.main does
 (adam_face/host_memory.py) and PyTorch's child inherits its environment;
 GLIBC_TUNABLES=glibc.malloc.hugetlb=0 runs both without.
 
-  python -m benchmarks.bench_train_step                 # tiny + mobilefacenet, ~2.5 min, 2 cores
+  python -m benchmarks.bench_train_step                 # tiny + mobilefacenet, ~3 min, 2 cores
   python -m benchmarks.bench_train_step --quick         # smoke test, ~1 min
   python -m benchmarks.bench_train_step --models=tiny,mobilefacenet,iresnet50
   python -m benchmarks.bench_train_step --models=tiny,iresnet18 --xla_kernel_gradients
       # adam_face's step also with XLA:CPU's own kernel gradients, in the same rounds
-      # (--patch_gradient_min_channels=1: patch_kernel_gradient in every layer, tiny's too)
+      # (--patch_gradient_min_channels=1: patch_kernel_gradient in every layer, the stems too)
+  python -m benchmarks.bench_train_step --autodiff_batch_norm
+      # also with train-mode BatchNorm by autodiff of flax's formulas, in the same rounds
   python -m benchmarks.bench_train_step --dtype=bfloat16 --device=cuda --batch_size=256   # GPU
   python -m benchmarks.bench_train_step --models=iresnet50 --dtype=bfloat16 --device=cuda \
       --batch_size=128 --num_classes=2000000 --sample_rate=0.1   # GPU, WebFace42M-size Partial FC
@@ -774,6 +780,7 @@ def benchmark_model(name: str, args) -> dict:
       # in one order).
       order = list(sides.items())
       for side, step in order[:: -1 if round_index % 2 else 1]:
+        step.run(1)  # Untimed: what the side before left behind is not timed (see below).
         rates[side].append(args.steps_per_round * batch_size / step.run(args.steps_per_round))
     for side, step in sides.items():
       row[f"{side}_images_per_s"] = statistics.median(rates[side])

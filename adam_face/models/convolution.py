@@ -25,7 +25,7 @@ batch 64, `--layers iresnet50` at batch 8) and `python -m benchmarks.bench_train
   convolution whose window is the whole cotangent map, run after transposing both operands to
   put the batch innermost (iresnet50's layers: 674 ms of kernel gradients against 300; the
   train steps of iresnet18 and iresnet50 1.19-1.28x and 1.13-1.20x faster in two runs; tiny's
-  1.12-1.13x).
+  1.02-1.16x in three).
 
 The phases need no dilation. Along one axis, input pixel i gets the cotangent of output o through
 tap k exactly when s*o + k = i + pad_low; writing i + pad_low = s*q + r (0 <= r < s), the taps
@@ -244,11 +244,11 @@ def patch_kernel_gradient(x, cotangent, kernel_shape, strides, padding, precisio
 # (`bench_train_step --xla_kernel_gradients [--patch_gradient_min_channels=N]`,
 # benchmarks/README.md). The train steps of iResNet-18 and -50 (64 to 512 channels) ran
 # 1.13-1.28x faster with it on an Intel Xeon, iresnet18's 1.02x (two runs) on an AMD EPYC.
-# tiny's (8 to 64 channels) ran 1.12x and 1.13x faster with it from 4 channels, in two runs on the
-# EPYC once the steps no longer paid page faults for their temporaries (adam_face/host_memory.py;
-# with the faults, eight runs had printed 0.92-1.04x and the threshold had stayed at 64). From 1
-# channel, the RGB stems too, it gave tiny 1.10x and MobileFaceNet 1.02x (one run): no gain for
-# the stems, which keep XLA's own, the smaller program.
+# tiny's (8 to 64 channels) ran 1.02x, 1.16x and 1.05x faster with it from 4 channels in three
+# runs on the EPYC, once its steps no longer paid page faults for their temporaries
+# (adam_face/host_memory.py; with them, eight runs had printed 0.92-1.04x and the threshold had
+# stayed at 64). From 1 channel, the RGB stems too: tiny 1.14x, MobileFaceNet (whose stem is its
+# only layer under 4 channels) 0.89x in one run; the stems keep XLA's own.
 PATCH_GRADIENT_MIN_CHANNELS = 4
 
 
