@@ -14,6 +14,8 @@ import pytest
 
 from adam_face.models import convolution, mobilefacenet
 
+from host_devices import batch_sharded
+
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 # (input [B, H, W, C_in], kernel [kh, kw, C_in, C_out], strides, padding): the backbones'
@@ -71,12 +73,6 @@ def test_values_and_gradients_match_lax(
   for name, e, a in zip(("value", "d/dx", "d/dkernel"), expected, actual):
     assert a.shape == e.shape and a.dtype == e.dtype, name
     np.testing.assert_allclose(a, e, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(e))), err_msg=name)
-
-
-def batch_sharded(x):
-  """x with its leading (batch) axis sharded over every device, as the train step's batch is."""
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
 
 
 def add_rows(total, group):

@@ -12,6 +12,8 @@ import pytest
 
 from adam_face.models import normalization
 
+from host_devices import batch_sharded
+
 
 def flax_batch_norm_prelu(x, scale, bias, slope, epsilon, dtype):
   """flax's own nn.BatchNorm in train mode, then a per-channel PReLU; with momentum 0 the updated
@@ -173,3 +175,19 @@ def test_module_has_flax_variables_values_and_statistics(written_out, monkeypatc
       {**eval_vars, "params": {**params, "prelu_owner": {"slope": slope}}}, x
   )
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sharded_batch_is_normalised_without_gathering_it():
+  # The statistics are per-channel sums of each device's rows, all-reduced; the rows of
+  # _channel_sum never span two images, so no device needs another's.
+  assert jax.device_count() == 8, "tests/conftest.py forces 8 host devices"
+  x, scale, bias, slope, weights = inputs((32, 6, 6, 8), jnp.float32)
+  sharded = batch_sharded(x)
+  loss = functools.partial(loss_of, normalization.batch_norm_prelu, dtype=jnp.float32)
+  gradients = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+  program = gradients.lower(sharded, scale, bias, slope, weights).compile().as_text()
+  assert "all-reduce" in program and "all-gather" not in program
+  for got, want in zip(
+      gradients(sharded, scale, bias, slope, weights), gradients(x, scale, bias, slope, weights)
+  ):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
