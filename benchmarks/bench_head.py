@@ -16,7 +16,9 @@ its RSS just before the first step) belongs to that measurement alone. Also prin
   python benchmarks/bench_head.py --device=cuda --mesh_sizes=1 --classes=100000,1000000   # a GPU
 
 On a GPU, memory is the device's peak allocation (JAX's peak_bytes_in_use, PyTorch's
-max_memory_allocated) instead of the process's RSS.
+max_memory_allocated) instead of the process's RSS. Both sides run with glibc's malloc on
+transparent huge pages, as adam_face.main does (adam_face/host_memory.py;
+GLIBC_TUNABLES=glibc.malloc.hugetlb=0 runs both without).
 
 PyTorch comes from benchmarks/requirements.txt; without it the PyTorch rows are skipped.
 """
@@ -269,4 +271,9 @@ def main():
 
 
 if __name__ == "__main__":
+  sys.path.insert(0, REPO)
+  from adam_face import host_memory  # pylint: disable=g-import-not-at-top
+
+  # As adam_face.main runs; the workers, PyTorch's too, inherit the environment.
+  host_memory.restart_with_huge_pages()
   main()
