@@ -68,7 +68,8 @@ def _normalise(x, mean, inverse_std, scale, bias, slope, dtype):
 
   As PyTorch's CPU BatchNorm computes it, rather than flax's (x - mean) * gain + bias: written so,
   the forward pass has no x - mean for XLA to share with the backward pass's (which made it
-  write x - mean to memory in the forward pass). The outputs differ from flax's by rounding.
+  write x - mean to memory in the forward pass). The outputs differ from flax's by rounding; in
+  bfloat16 also because the PReLU comes before the cast (it came after flax's BatchNorm).
   """
   gain = scale * inverse_std
   y = x.astype(jnp.float32) * gain + (bias - mean * gain)
