@@ -22,8 +22,8 @@ change in the machine's load hits both sides alike; the table reports the median
 round each side takes one untimed step before its timed ones: the first step of a side after
 PyTorch's was slow (with --autodiff_batch_norm, whose side ran right after PyTorch's in every
 other round, MobileFaceNet's "gain" printed 1.35-1.60x; with the untimed step 1.09x, as in a
-process of the adam_face sides alone). Both use
-every CPU core: XLA's thread pool by default, PyTorch by torch.set_num_threads(os.cpu_count()).
+process of the adam_face sides alone). Both use every CPU core: XLA's thread pool by default,
+PyTorch by torch.set_num_threads(os.cpu_count()).
 PyTorch's memory format (contiguous, channels_last) and OpenMP wait policy (as set, PASSIVE) are by
 default chosen per model by timing each after the warm-up; --torch_compile adds torch.compile
 (Inductor) to PyTorch's forward and loss. The 1-minute load average is printed: on a CPU shared
@@ -780,7 +780,7 @@ def benchmark_model(name: str, args) -> dict:
       # in one order).
       order = list(sides.items())
       for side, step in order[:: -1 if round_index % 2 else 1]:
-        step.run(1)  # Untimed: what the side before left behind is not timed (see below).
+        step.run(1)  # Untimed: the first step after another side's is slow (module docstring).
         rates[side].append(args.steps_per_round * batch_size / step.run(args.steps_per_round))
     for side, step in sides.items():
       row[f"{side}_images_per_s"] = statistics.median(rates[side])
