@@ -373,4 +373,8 @@ def main():
 
 
 if __name__ == "__main__":
+  from adam_face import host_memory  # pylint: disable=g-import-not-at-top
+
+  # As adam_face.main runs; the workers, PyTorch's too, inherit the environment.
+  host_memory.restart_with_huge_pages()
   main()
