@@ -1,8 +1,8 @@
 """Transparent huge pages for the host's large allocations, set for glibc's malloc at start-up.
 
 Why: XLA:CPU allocates the temporaries of each execution of a compiled step as one block and
-frees it afterwards (MobileFaceNet's train step at batch 16: 649 MB, seen as one mmap and munmap a
-step under strace). glibc's malloc serves a block that large with mmap and gives it back with
+frees it afterwards (MobileFaceNet's train step at batch 16: 619 MiB by XLA's memory analysis,
+one mmap and munmap of that size a step under strace). glibc's malloc serves a block that large with mmap and gives it back with
 munmap, so every step faults the whole block in again, 4 KiB at a time, and the kernel zeroes each
 page: `python -m benchmarks.bench_huge_pages` prints the faults, system time and step time with
 and without huge pages (benchmarks/README.md has its figures). With the glibc tunable

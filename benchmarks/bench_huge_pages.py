@@ -4,8 +4,10 @@ bench_train_step's adam_face step (train_step.train_step jitted as train.py jits
 batch already on the device) runs in fresh processes under GLIBC_TUNABLES=glibc.malloc.hugetlb=0
 (glibc's default) and =1 (what adam_face.main sets), --rounds times each, in alternating order. Each
 process compiles, takes 3 untimed steps, then times --steps steps and counts the minor page faults
-and the system CPU time they cost (getrusage). Printed per model and setting: the median over the
-rounds of ms a step, page faults a step and system CPU seconds a step, and the step time's ratio.
+and the system CPU time they cost (getrusage). Printed per model and setting: the compiled step's
+temporaries (XLA's memory analysis: one block that every execution allocates and frees), the
+median over the rounds of ms a step, page faults a step and system CPU seconds a step, and the
+step time's ratio.
 
   python -m benchmarks.bench_huge_pages                      # tiny, mobilefacenet: ~3 min, 2 cores
   python -m benchmarks.bench_huge_pages --models=iresnet18 --rounds=1
@@ -36,7 +38,8 @@ def parse_args(argv=None):
 
 
 def measure(model: str, steps: int) -> dict[str, float]:
-  """ms a step, minor page faults a step and system CPU seconds a step of the model's step."""
+  """The compiled step's temporaries (MiB, allocated and freed by every execution), and ms, minor
+  page faults and system CPU seconds a step."""
   step = bench_train_step.AdamFaceStep(bench_train_step.train_config(model), num_classes=1000)
   step.compile()
   step.run(3)
@@ -44,6 +47,7 @@ def measure(model: str, steps: int) -> dict[str, float]:
   step.run(steps)
   seconds, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF)
   return {
+      "temp_mb": step.step_fn.memory_analysis().temp_size_in_bytes / 2**20,
       "ms": seconds / steps * 1e3,
       "faults": (after.ru_minflt - before.ru_minflt) / steps,
       "system_s": (after.ru_stime - before.ru_stime) / steps,
@@ -63,8 +67,8 @@ def main(argv=None):
       flush=True,
   )
   header = (
-      f"{'model':<14}{'setting':<13}{'ms/step':>9}{'faults/step':>13}{'system s/step':>15}"
-      f"{'speed-up':>10}"
+      f"{'model':<14}{'setting':<13}{'temp MiB':>9}{'ms/step':>9}{'faults/step':>13}"
+      f"{'system s/step':>15}{'speed-up':>10}"
   )
   print(header)
   print("-" * len(header))
@@ -89,8 +93,8 @@ def main(argv=None):
     base = medians["4 KiB pages"]["ms"]
     for name, m in medians.items():
       print(
-          f"{model:<14}{name:<13}{m['ms']:>9.1f}{m['faults']:>13,.0f}{m['system_s']:>15.3f}"
-          f"{base / m['ms']:>9.2f}x",
+          f"{model:<14}{name:<13}{m['temp_mb']:>9.0f}{m['ms']:>9.1f}{m['faults']:>13,.0f}"
+          f"{m['system_s']:>15.3f}{base / m['ms']:>9.2f}x",
           flush=True,
       )
 
