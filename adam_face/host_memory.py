@@ -2,10 +2,11 @@
 
 Why: XLA:CPU allocates the temporaries of each execution of a compiled step as one block and
 frees it afterwards (MobileFaceNet's train step at batch 16: 619 MiB by XLA's memory analysis,
-one mmap and munmap of that size a step under strace). glibc's malloc serves a block that large with mmap and gives it back with
-munmap, so every step faults the whole block in again, 4 KiB at a time, and the kernel zeroes each
-page: `python -m benchmarks.bench_huge_pages` prints the faults, system time and step time with
-and without huge pages (benchmarks/README.md has its figures). With the glibc tunable
+one mmap and munmap of that size a step under strace). glibc's malloc serves a block that large
+with mmap and gives it back with munmap, so every step faults the whole block in again, 4 KiB at
+a time, and the kernel zeroes each page: `python -m benchmarks.bench_huge_pages` prints the
+faults, system time and step time with and without huge pages (benchmarks/README.md has its
+figures). With the glibc tunable
 `glibc.malloc.hugetlb=1` (glibc >= 2.35) malloc asks for transparent huge pages on its mappings
 (madvise), so the block comes back in 2 MiB faults. PyTorch's CPU tensors go through the same
 malloc and gain from it too; bench_train_step runs both sides under the same setting.
@@ -52,11 +53,11 @@ def huge_page_environment(environ, glibc_version: str | None, thp_mode: str | No
   }
 
 
-def restart_with_huge_pages() -> None:
-  """Executes this process's command line again under huge_page_environment, where that changes
-  the environment; returns otherwise. Call it before anything large is allocated."""
+def system_facts() -> tuple[str | None, str | None]:
+  """This machine's glibc version and transparent huge page mode, as huge_page_environment takes
+  them (None for each where there is none: not Linux, not glibc, no THP in the kernel)."""
   if not sys.platform.startswith("linux"):
-    return
+    return None, None
   try:
     glibc_version = os.confstr("CS_GNU_LIBC_VERSION")
   except (ValueError, OSError):
@@ -65,7 +66,13 @@ def restart_with_huge_pages() -> None:
     thp_mode = _THP_MODE.read_text()
   except OSError:
     thp_mode = None
-  environment = huge_page_environment(os.environ, glibc_version, thp_mode)
+  return glibc_version, thp_mode
+
+
+def restart_with_huge_pages() -> None:
+  """Executes this process's command line again under huge_page_environment, where that changes
+  the environment; returns otherwise. Call it before anything large is allocated."""
+  environment = huge_page_environment(os.environ, *system_facts())
   if environment is not None:
     sys.stdout.flush()
     sys.stderr.flush()

@@ -22,6 +22,7 @@ import time
 
 import jax
 
+from adam_face import host_memory
 from benchmarks import bench_train_step
 from benchmarks import machine
 
@@ -60,10 +61,10 @@ def main(argv=None):
     model, steps = args.worker
     print(json.dumps(measure(model, int(steps))))
     return
+  thp_mode = (host_memory.system_facts()[1] or "unknown").strip()
   print(
       f"{machine.cpu_model()}, jax {jax.__version__}, {args.rounds} process(es) per setting, "
-      f"{args.steps} timed steps each; transparent huge pages: "
-      f"{thp_mode()}",
+      f"{args.steps} timed steps each; transparent huge pages: {thp_mode}",
       flush=True,
   )
   header = (
@@ -97,15 +98,6 @@ def main(argv=None):
           f"{m['system_s']:>15.3f}{base / m['ms']:>9.2f}x",
           flush=True,
       )
-
-
-def thp_mode() -> str:
-  """The kernel's transparent huge page mode, e.g. "always [madvise] never"."""
-  try:
-    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-      return f.read().strip()
-  except OSError:
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -761,9 +761,9 @@ def benchmark_model(name: str, args) -> dict:
   sides = {"adam_face": jax_step}
   for variant, (compile_options, *_) in VARIANTS.items():
     if getattr(args, variant):
-      sides[f"adam_face_{variant}"] = AdamFaceStep(config, args.num_classes)
-      sides[f"adam_face_{variant}"].compile(**compile_options)
-      sides[f"adam_face_{variant}"].run(args.warmup_steps)
+      step = sides[f"adam_face_{variant}"] = AdamFaceStep(config, args.num_classes)
+      step.compile(**compile_options)
+      step.run(args.warmup_steps)
   if torch_step is not None:
     sides["torch"] = torch_step
   try:

@@ -137,7 +137,8 @@ def main(argv=None):
     by_instruction[f"{name} {result_type} ({layer})"] += ms
   traced = sum(by_kind.values())
   print(
-      f"{args.model}, batch {config.global_batch_size}, {machine.cpu_model()}, jax {jax.__version__}, "
+      f"{args.model}, batch {config.global_batch_size}, {machine.cpu_model()}, "
+      f"jax {jax.__version__}, "
       f"PATCH_GRADIENT_MIN_CHANNELS {args.patch_gradient_min_channels or 'default'}: "
       f"{seconds / args.steps * 1e3:.1f} ms a traced step, executor {events[_EXECUTOR]:.1f} ms, "
       f"operations' events {traced:.1f} ms"

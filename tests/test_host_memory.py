@@ -2,7 +2,6 @@
 restarted process runs once more with it and gets huge pages for a large array."""
 
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -13,17 +12,6 @@ from adam_face import host_memory
 from fixtures_data import REPO_ROOT
 
 THP = "always [madvise] never"
-
-
-def system_facts():
-  """This machine's glibc version and transparent huge page mode, as restart_with_huge_pages
-  reads them."""
-  try:
-    thp = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-  except OSError:
-    thp = None
-  glibc = os.confstr("CS_GNU_LIBC_VERSION") if sys.platform.startswith("linux") else None
-  return glibc, thp
 
 
 @pytest.mark.parametrize(
@@ -82,7 +70,7 @@ def run_child(tunables: str | None) -> list[str]:
 
 
 def test_restart_runs_the_command_again_with_huge_pages():
-  glibc, thp = system_facts()
+  glibc, thp = host_memory.system_facts()
   expected = host_memory.huge_page_environment({}, glibc, thp)
   lines = run_child(None)
   if expected is None:
@@ -96,5 +84,7 @@ def test_restart_runs_the_command_again_with_huge_pages():
 def test_an_explicit_choice_is_kept():
   lines = run_child("glibc.malloc.hugetlb=0")
   assert lines[0] == "started glibc.malloc.hugetlb=0" and len(lines) == 2
-  if "[madvise]" in (system_facts()[1] or ""):  # Huge pages only where malloc asks: 4 KiB here.
+  if "[madvise]" in (
+      host_memory.system_facts()[1] or ""
+  ):  # Huge pages only where malloc asks: 4 KiB here.
     assert int(lines[1].split()[1]) > 30_000, lines

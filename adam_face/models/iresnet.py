@@ -10,8 +10,8 @@ input width is taken from the feature map at initialisation.
 
 Mixed precision: parameters are float32; convolutions, BatchNorm outputs and PReLUs of the body
 compute in `dtype`; BatchNorm statistics are reduced and stored in float32
-(normalization.BatchNorm); the embedding projection (dense + BN) runs in float32 and returns float32, as
-insightface does for its fp16 training (it casts to float before the final fc).
+(normalization.BatchNorm); the embedding projection (dense + BN) runs in float32 and returns
+float32, as insightface does for its fp16 training (it casts to float before the final fc).
 """
 
 from collections.abc import Sequence
