@@ -12,9 +12,10 @@ extra (benchmarks/requirements.txt), imported only here.
 
 The converted model computes the source network's eval-mode function on adam_face's inputs, up to
 float rounding, through three exact rewrites:
-  * arcface_torch normalises pixels as (x - 127.5) / 127.5, adam_face as (x - 127.5) / 128
-    (train_input.normalize): the first convolution, linear, bias-free and zero-padded, is scaled by
-    128 / 127.5, so that it sees what the source's saw.
+  * adam_face normalises pixels as arcface_torch does, (x - 127.5) / 127.5 (pixels.normalize); a
+    source that read (x - 127.5) / s (an ONNX graph that normalises its input so, below) has its
+    first convolution, linear, bias-free and zero-padded, scaled by 127.5 / s, so that it sees
+    what the source's saw.
   * PyTorch flattens the iResNet's last feature map channel-first (NCHW) before `fc`, flax
     channel-last (NHWC): the fc weight's input rows are permuted to match.
   * The final BatchNorm has a scale gamma in the source (frozen at 1 in the iResNet, learned in mbf)
@@ -51,7 +52,7 @@ read (exporters name them 'layer1.0.conv1.weight', 'onnx::Conv_123' or '1197'). 
     batch statistics with scale 1 and bias 0, unlike the source network.
   * A BN epsilon other than adam_face's 1e-5 goes into the variance (var + eps - 1e-5).
   * The input normalisation: constant Sub, Add, Mul and Div nodes before the first Conv (per
-    channel or not) must compute (x - 127.5) / s, and s replaces 127.5 in the first rewrite above;
+    channel or not) must compute (x - 127.5) / s, the s of the first rewrite above;
     another offset could not go exactly into the zero-padded first convolution. Without them (as
     in insightface's arcface_torch graphs) the graph reads (x - 127.5) / 127.5, which is what
     insightface's ArcFaceONNX feeds it.
@@ -72,7 +73,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from adam_face import errors, model_dir, models
+from adam_face import errors, model_dir, models, pixels
 
 # adam_face's model of each network of arcface_torch, by its name there (backbones.get_model).
 ARCFACE_TORCH_ARCHS = {
@@ -84,10 +85,8 @@ ARCFACE_TORCH_ARCHS = {
     "mbf": "mobilefacenet_mbf",
 }
 IMAGE_SIZE = 112  # The only size arcface_torch's iResNet takes (its fc expects a 7x7 map).
-# Pixel scales: arcface_torch's (x / 255 - 0.5) / 0.5, and train_input.PIXEL_SCALE (not imported
-# from there: train_input imports TensorFlow).
+# arcface_torch's pixel scale, (x / 255 - 0.5) / 0.5; equal to adam_face's pixels.PIXEL_SCALE.
 ARCFACE_TORCH_PIXEL_SCALE = 127.5
-ADAM_FACE_PIXEL_SCALE = 128.0
 # Where wrapping dicts keep a backbone's state dict: arcface_torch's checkpoint_gpu_*.pt, then
 # common trainer layouts.
 _WRAPPER_KEYS = ("state_dict_backbone", "state_dict", "model", "backbone")
@@ -299,7 +298,7 @@ def _fold(variables, state, layout, pixel_scale) -> None:
   first, (_, dense, _), (final_source, final, _) = layout[0][1], *layout[-2:]
   params, stats = variables["params"], variables["batch_stats"]
   # The kernel is [h, w, in, out]: a per-channel scale [3] multiplies its input rows.
-  scale = np.reshape(ADAM_FACE_PIXEL_SCALE / np.asarray(pixel_scale, np.float64), (-1, 1))
+  scale = np.reshape(pixels.PIXEL_SCALE / np.asarray(pixel_scale, np.float64), (-1, 1))
   params[first]["kernel"] = (params[first]["kernel"] * scale).astype(np.float32)
   gamma = state[f"{final_source}.weight"].astype(np.float64)
   dense_params = _nested_get(params, dense)
@@ -826,7 +825,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.exit(1, f"{parser.prog}: error: {e}\n")
   print(
       f"Wrote {args.out}: {model_config['name']}, {model_config['embedding_dim']}-d embeddings of "
-      "images normalised by train_input.normalize."
+      "images normalised by pixels.normalize."
   )
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from adam_face import train_input
+from adam_face import pixels
 
 FLIP_MODES = ("none", "sum", "concat")
 
@@ -33,8 +33,8 @@ def compute_embeddings(
   """L2-normalised embeddings of uint8 images, in jitted batches sharded over every mesh device.
 
   Args:
-    embed_fn: maps float32 images [b, H, W, C], normalised by train_input.normalize
-      ((x - 127.5) / 128), to [b, D]. It is jitted here. Pass a
+    embed_fn: maps float32 images [b, H, W, C], normalised by pixels.normalize
+      ((x - 127.5) / 127.5), to [b, D]. It is jitted here. Pass a
       ``jax.tree_util.Partial(apply_fn, variables)`` to make the variables traced arguments: a
       plain closure bakes them into the program as constants and, being a new object on every
       call, recompiles each time.
@@ -110,7 +110,7 @@ def _embedding_step(mesh: jax.sharding.Mesh, flip: str):
 
   def step(embed_fn, images_uint8, num_valid):
     # The training pipeline's own normalisation: the network sees pixels scaled as it learnt.
-    images = train_input.normalize(images_uint8.astype(jnp.float32))
+    images = pixels.normalize(images_uint8.astype(jnp.float32))
     emb = _checked_embed(embed_fn, images)
     if flip != "none":
       emb_flipped = _checked_embed(embed_fn, images[:, :, ::-1, :])

@@ -7,7 +7,7 @@
 --model is anything model_dir.load takes: a model directory, or a training workdir (its latest
 checkpoint, or --step). Every format has one signature, `serving_default`: `images`, uint8
 [N, S, S, 3] aligned RGB faces (S the model's image_size, N any) -> `embeddings`, float32 [N, D]
-of unit L2 norm. train_input.normalize and the L2 normalisation are inside the graph, so a caller
+of unit L2 norm. pixels.normalize and the L2 normalisation are inside the graph, so a caller
 feeds raw pixels; the backbone runs in inference mode (BatchNorm running statistics, no dropout)
 in float32. The command prints where it wrote the model and that signature.
 
@@ -37,7 +37,7 @@ from jax.experimental import jax2tf
 import jax.numpy as jnp
 import tensorflow as tf
 
-from adam_face import classifier, model_dir, train_input
+from adam_face import classifier, model_dir, pixels
 
 FLAGS = flags.FLAGS
 FORMATS = ("saved_model", "tflite", "onnx")
@@ -72,7 +72,7 @@ def serving_fn(model: model_dir.Model):
 
   def serve(variables, images):
     embeddings = module.apply(
-        variables, train_input.normalize(images.astype(jnp.float32)), train=False
+        variables, pixels.normalize(images.astype(jnp.float32)), train=False
     )
     return classifier.l2_normalize(embeddings)  # A zero embedding stays zero, not NaN.
 

@@ -5,13 +5,14 @@
   * a model directory, written by `save` (e.g. by `python -m adam_face.convert`):
       model.json         {"model": create_model's arguments (name, embedding_dim, and any
                          architecture settings), "image_size": the input side in pixels,
+                         "pixel_scale": the s of the (x - 127.5) / s its variables expect,
                          "source": where the weights came from}
       variables.msgpack  the backbone's {"params", "batch_stats"} (flax.serialization);
   * or a training workdir (its config.json and its latest checkpoint, verified; see
     checkpointing.py), optionally at a given step.
 
 `load` returns a `Model`: the flax module, its variables and the image size, whose `embed_fn` is
-what embedding.compute_embeddings takes. Inputs are normalised images (train_input.normalize of
+what embedding.compute_embeddings takes. Inputs are normalised images (pixels.normalize of
 aligned uint8 RGB faces); outputs are embeddings before L2 normalisation.
 """
 
@@ -27,7 +28,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from adam_face import models
+from adam_face import models, pixels
 
 MODEL_JSON = "model.json"
 VARIABLES = "variables.msgpack"
@@ -89,7 +90,16 @@ def save(
   with open(os.path.join(directory, VARIABLES), "wb") as f:
     f.write(flax.serialization.msgpack_serialize(jax.device_get(variables)))
   with open(os.path.join(directory, MODEL_JSON), "w") as f:
-    json.dump({"model": model_config, "image_size": image_size, "source": source}, f, indent=2)
+    json.dump(
+        {
+            "model": model_config,
+            "image_size": image_size,
+            "pixel_scale": pixels.PIXEL_SCALE,
+            "source": source,
+        },
+        f,
+        indent=2,
+    )
 
 
 def _variable_shapes(module: flax.linen.Module, image_size: int):
@@ -119,6 +129,24 @@ def check_same_tree(expected, actual, what: str) -> None:
     )
 
 
+def _check_pixel_scale(pixel_scale: float | None, path: str) -> None:
+  """Refuses variables that expect another input scale than pixels.normalize gives: fed it, they
+  would compute something else, a little off, without a sign."""
+  if pixel_scale == pixels.PIXEL_SCALE:
+    return
+  found = (
+      "no pixel_scale: it was written before 2026-12-01, when its variables were made for "
+      "(x - 127.5) / 128"
+      if pixel_scale is None
+      else f"pixel_scale {pixel_scale}: its variables were made for (x - 127.5) / {pixel_scale}"
+  )
+  raise ValueError(
+      f"{os.path.join(path, MODEL_JSON)} has {found}, but adam_face feeds models "
+      f"(x - 127.5) / {pixels.PIXEL_SCALE}. Write the model directory again with this version "
+      "(python -m adam_face.convert folds a source's input scale into its first convolution)."
+  )
+
+
 def load(path: str, step: int | None = None) -> Model:
   """The model at `path`: a model directory, or a training workdir (at `step`, default latest)."""
   if os.path.exists(os.path.join(path, MODEL_JSON)):
@@ -126,6 +154,7 @@ def load(path: str, step: int | None = None) -> Model:
       raise ValueError(f"{path} is a model directory, which has no steps; drop the step.")
     with open(os.path.join(path, MODEL_JSON)) as f:
       info = json.load(f)
+    _check_pixel_scale(info.get("pixel_scale"), path)
     module = create_module(info["model"])
     with open(os.path.join(path, VARIABLES), "rb") as f:
       variables = flax.serialization.msgpack_restore(f.read())

@@ -2,10 +2,9 @@
 
 Training (create_train_iterator) reads this process's share of the split, shuffles it afresh each
 epoch, decodes (decode_image: as PIL and OpenCV decode), converts to 3-channel
-image_size x image_size, augments (augment_image), normalises (normalize: (x - 127.5) / 128, the
-one definition of the model's input scale) and batches to the per-process batch. Its order is a
-pure function of (seed, process, step), so a run resumed at step k sees exactly the batches it
-would have seen:
+image_size x image_size, augments (augment_image), normalises (pixels.normalize) and batches to the
+per-process batch. Its order is a pure function of (seed, process, step), so a run resumed at step
+k sees exactly the batches it would have seen:
 
   * epoch e is the process's records shuffled with a seed drawn from (seed, e), so skipping whole
     epochs costs nothing and only the records of the current epoch before step k are read again
@@ -29,10 +28,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from adam_face import batch_layout, data_builders
+from adam_face import batch_layout, data_builders, pixels
 
-PIXEL_MEAN = 127.5
-PIXEL_SCALE = 128.0
 AUGMENTATIONS = ("flip", "brightness", "contrast", "saturation", "crop")
 
 
@@ -101,20 +98,6 @@ def augment_image(image: tf.Tensor, key: tf.Tensor, augment) -> tf.Tensor:
     size = tf.shape(image)[:2]
     image = tf.image.crop_and_resize(image[None], box, [0], size)[0]
   return image
-
-
-def normalize(image):
-  """The model's input scale from pixels in [0, 255]: (x - 127.5) / 128, as insightface's MXNet
-  models took it (x 0.0078125). Plain arithmetic, so it applies to TF, numpy and jax arrays alike
-  (training input and evaluation must share it).
-
-  A difference from arcface_torch, which divides by 127.5 (torchvision's Normalize(0.5, 0.5) on
-  [0, 1] pixels, in training and in its eval/verification.py): inputs here are 0.4 % smaller.
-  It is kept for now because every figure in this repository was measured with it; switching
-  means measuring them again. Converted arcface_torch weights (convert.py) fold the difference
-  into their first convolution, so they compute exactly what they computed in PyTorch.
-  """
-  return (image - PIXEL_MEAN) / PIXEL_SCALE
 
 
 def _seed_from(*values: int) -> int:
@@ -188,7 +171,7 @@ def build_train_dataset(
     image_bytes, label = record
     image = decode_image(image_bytes, image_size)
     image = augment_image(image, tf.stack([element_seed, position]), augment)
-    return {"image": normalize(image), "label": tf.cast(label, tf.int32)}
+    return {"image": pixels.normalize(image), "label": tf.cast(label, tf.int32)}
 
   ds = tf.data.Dataset.counter(start_epoch).flat_map(one_epoch).skip(offset)
   ds = ds.enumerate(start=first_record)

@@ -6,11 +6,12 @@ recognition/arcface_torch/backbones: iresnet.py and mobilefacenet.py), with the 
 its state dicts. Their weights are random; their BatchNorm statistics are measured on random
 images in train mode, then jittered (so that every layer carries the image, rather than BN biases,
 to the embedding, and no statistic is 0 or 1). Each side normalises the same uint8 images its own
-way, as in use: arcface_torch (x / 255 - 0.5) / 0.5 in NCHW, adam_face train_input.normalize in
+way, as in use: arcface_torch (x / 255 - 0.5) / 0.5 in NCHW, adam_face pixels.normalize in
 NHWC. The ONNX graphs are torch.onnx's exports of those networks (tests skip without onnx).
 """
 
 import copy
+import json
 import subprocess
 import sys
 
@@ -23,7 +24,7 @@ torch = pytest.importorskip(
 )
 from torch import nn  # noqa: E402
 
-from adam_face import convert, model_dir, train_input  # noqa: E402
+from adam_face import convert, model_dir, pixels  # noqa: E402
 from fixtures_data import REPO_ROOT  # noqa: E402
 
 
@@ -213,8 +214,9 @@ def cosine(a, b):
 def assert_same_embeddings(actual, expected):
   similarity = cosine(actual, expected)
   assert similarity.min() >= 0.99999, similarity
-  # Also equal in scale: a missing input-scale fold (128 / 127.5) left cosines above 0.99999 for
-  # r18 but errors of 0.6% of the largest value, against ~4e-6 converted exactly.
+  # Also equal in scale: a missing input-scale fold (127.5 / 128, of a graph that reads MXNet's
+  # (x - 127.5) / 128) left cosines above 0.99999 for r18 but errors of 0.6% of the largest value,
+  # against ~4e-6 converted exactly.
   np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
 
 
@@ -223,7 +225,7 @@ def convert_and_embed(flags: list[str], out: str):
   embeddings of IMAGES."""
   convert.main(flags + ["--out", out])
   model = model_dir.load(out)
-  images = train_input.normalize(IMAGES.astype(np.float32))
+  images = pixels.normalize(IMAGES.astype(np.float32))
   return model, np.asarray(jax.jit(lambda embed, x: embed(x))(model.embed_fn, images))
 
 
@@ -343,6 +345,24 @@ def test_an_existing_model_is_not_overwritten(tmp_path, capsys):
   (tmp_path / model_dir.MODEL_JSON).write_text("{}")
   message = conversion_error(capsys, tmp_path / "absent.pth", "r18", tmp_path)
   assert "already holds a model" in message
+
+
+@pytest.mark.parametrize("pixel_scale", [None, 128.0])
+def test_a_model_directory_for_another_input_scale_is_refused(
+    arcface_torch_weights, tmp_path, pixel_scale
+):
+  weights, _ = arcface_torch_weights("r18")
+  out = tmp_path / "model"
+  convert.main(["--from", "arcface_torch", "--arch", "r18", "--weights", str(weights)] + ["--out", str(out)])
+  info = json.loads((out / model_dir.MODEL_JSON).read_text())
+  assert info["pixel_scale"] == pixels.PIXEL_SCALE == 127.5
+  if pixel_scale is None:  # As written before the scale was recorded, for (x - 127.5) / 128.
+    del info["pixel_scale"]
+  else:
+    info["pixel_scale"] = pixel_scale
+  (out / model_dir.MODEL_JSON).write_text(json.dumps(info))
+  with pytest.raises(ValueError, match=r"\(x - 127.5\) / 128.*Write the model directory again"):
+    model_dir.load(str(out))
 
 
 def test_torch_and_onnx_are_imported_only_to_convert(monkeypatch, tmp_path):

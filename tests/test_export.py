@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from adam_face import export, model_dir, train_input, verification, verification_metrics
+from adam_face import export, model_dir, pixels, verification, verification_metrics
 from adam_face import verification_sets
 from fixtures_data import REPO_ROOT
 
@@ -79,7 +79,7 @@ def _apply(module, variables, images, train):
 
 def _flax_embeddings(model, images, train=False):
   """What the export must compute: normalise, apply, L2."""
-  normalised = train_input.normalize(images.astype(np.float32))
+  normalised = pixels.normalize(images.astype(np.float32))
   emb = np.asarray(_apply(model.module, model.variables, normalised, train))
   return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
 

@@ -222,7 +222,7 @@ def _reference_metrics(root, weights):
     resized = tf.image.resize(
         aligned[None], [ijb_fixture.EMBED_SIZE, ijb_fixture.EMBED_SIZE], antialias=True
     )
-    x = (np.clip(np.round(resized.numpy()[0]), 0, 255) - 127.5) / 128
+    x = (np.clip(np.round(resized.numpy()[0]), 0, 255) - 127.5) / 127.5
     emb = x.reshape(-1) @ weights + x[:, ::-1].reshape(-1) @ weights
     norm = np.linalg.norm(emb)
     features.append(emb / norm)

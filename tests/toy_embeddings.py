@@ -27,7 +27,7 @@ def reference_embeddings(weights, images_uint8, flip):
   The normalisation is written out on purpose: the reference must not share code with what it
   checks.
   """
-  x = (images_uint8.astype(np.float32) - 127.5) / 128
+  x = (images_uint8.astype(np.float32) - 127.5) / 127.5
   emb = x.reshape(len(x), -1) @ weights
   emb_flipped = x[:, :, ::-1].reshape(len(x), -1) @ weights
   emb = {"none": emb, "sum": emb + emb_flipped, "concat": np.concatenate([emb, emb_flipped], 1)}[

@@ -52,7 +52,7 @@ def check_images(images) -> None:
     )
   if not jnp.issubdtype(images.dtype, jnp.floating):
     raise ValueError(
-        f"Expected float images normalised as (x - 127.5) / 128, got dtype {images.dtype}; "
+        f"Expected float images normalised as (x - 127.5) / 127.5, got dtype {images.dtype}; "
         "normalise the images before calling the model."
     )
 
