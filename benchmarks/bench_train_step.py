@@ -341,111 +341,35 @@ def _torch_reference():
   from torch import nn
   import torch.nn.functional as F
 
-  class IBasicBlock(nn.Module):
-    """arcface_torch's residual unit: BN-conv3x3-BN-PReLU-conv3x3(stride)-BN + shortcut."""
+  from benchmarks import torch_arcface
 
-    def __init__(self, inplanes, planes, stride):
+  class MobileFaceNet(nn.Module):
+    """adam_face's MobileFaceNet (the paper's BOTTLENECKS) from arcface_torch's blocks."""
+
+    def __init__(self, embedding_dim, image_size):
       super().__init__()
-      self.bn1 = nn.BatchNorm2d(inplanes, eps=1e-5)
-      self.conv1 = nn.Conv2d(inplanes, planes, 3, 1, 1, bias=False)
-      self.bn2 = nn.BatchNorm2d(planes, eps=1e-5)
-      self.prelu = nn.PReLU(planes)
-      self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-      self.bn3 = nn.BatchNorm2d(planes, eps=1e-5)
-      self.downsample = None
-      if stride != 1 or inplanes != planes:
-        self.downsample = nn.Sequential(
-            nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes, eps=1e-5)
-        )
-
-    def forward(self, x):
-      y = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
-      return y + (x if self.downsample is None else self.downsample(x))
-
-  class EmbeddingHead(nn.Module):
-    """Flatten - fc - BatchNorm1d with a frozen unit scale, in float32 (as arcface_torch)."""
-
-    def __init__(self, in_features, embedding_dim, bias):
-      super().__init__()
-      self.fc = nn.Linear(in_features, embedding_dim, bias=bias)
+      conv_bn, depthwise_unit = torch_arcface.conv_bn, torch_arcface.depthwise_unit
+      layers = [conv_bn(3, 64, 3, 2, 1), conv_bn(64, 64, 3, 1, 1, groups=64)]
+      cin = 64
+      for expansion, cout, repeats, stride in BOTTLENECKS:
+        for repeat in range(repeats):
+          layers.append(depthwise_unit(cin, cout, cin * expansion, stride if repeat == 0 else 1))
+          cin = cout
+      side = image_size
+      for _ in range(4):  # The stem and three bottleneck groups halve the map, rounding up.
+        side = (side + 1) // 2
+      # The last is the global depthwise convolution.
+      layers += [conv_bn(cin, 512), conv_bn(512, 512, side, groups=512, prelu=False)]
+      self.body = nn.Sequential(*layers)
+      self.fc = nn.Linear(512, embedding_dim, bias=False)
       self.features = nn.BatchNorm1d(embedding_dim, eps=1e-5)
       nn.init.constant_(self.features.weight, 1.0)
       self.features.weight.requires_grad = False
 
     def forward(self, x):
-      with torch.autocast(x.device.type, enabled=False):
-        return self.features(self.fc(torch.flatten(x, 1).float()))
-
-  class IResNet(nn.Module):
-
-    def __init__(self, stage_depths, stage_widths, embedding_dim, image_size):
-      super().__init__()
-      width = stage_widths[0]
-      self.stem = nn.Sequential(
-          nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width, eps=1e-5), nn.PReLU(width)
+      return torch_arcface.float32_embedding(
+          lambda y: self.features(self.fc(torch.flatten(y, 1))), self.body(x)
       )
-      units = []
-      for depth, planes in zip(stage_depths, stage_widths):
-        for unit in range(depth):
-          units.append(IBasicBlock(width, planes, 2 if unit == 0 else 1))
-          width = planes
-      self.body = nn.Sequential(*units)
-      self.bn2 = nn.BatchNorm2d(width, eps=1e-5)
-      side = image_size
-      for _ in stage_depths:  # Every stage halves the map, rounding up (3x3, stride 2, pad 1).
-        side = (side + 1) // 2
-      self.head = EmbeddingHead(width * side * side, embedding_dim, bias=True)
-
-    def forward(self, x):
-      return self.head(self.bn2(self.body(self.stem(x))))
-
-  def conv_block(cin, cout, kernel, stride, padding, groups, prelu):
-    """mobilefacenet.py's ConvBlock (conv-BN-PReLU) or, without PReLU, its LinearBlock."""
-    layers = [
-        nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False),
-        nn.BatchNorm2d(cout),
-    ]
-    return nn.Sequential(*layers, *([nn.PReLU(cout)] if prelu else []))
-
-  class DepthWise(nn.Module):
-    """Expand 1x1 - depthwise 3x3 - linear project 1x1, residual where the shape is kept."""
-
-    def __init__(self, cin, cout, expansion, stride):
-      super().__init__()
-      hidden = cin * expansion
-      self.layers = nn.Sequential(
-          conv_block(cin, hidden, 1, 1, 0, 1, True),
-          conv_block(hidden, hidden, 3, stride, 1, hidden, True),
-          conv_block(hidden, cout, 1, 1, 0, 1, False),
-      )
-      self.residual = stride == 1 and cin == cout
-
-    def forward(self, x):
-      y = self.layers(x)
-      return x + y if self.residual else y
-
-  class MobileFaceNet(nn.Module):
-
-    def __init__(self, embedding_dim, image_size):
-      super().__init__()
-      layers = [conv_block(3, 64, 3, 2, 1, 1, True), conv_block(64, 64, 3, 1, 1, 64, True)]
-      cin = 64
-      for expansion, cout, repeats, stride in BOTTLENECKS:
-        for repeat in range(repeats):
-          layers.append(DepthWise(cin, cout, expansion, stride if repeat == 0 else 1))
-          cin = cout
-      side = image_size
-      for _ in range(4):  # The stem and three bottleneck groups halve the map, rounding up.
-        side = (side + 1) // 2
-      layers += [
-          conv_block(cin, 512, 1, 1, 0, 1, True),
-          conv_block(512, 512, side, 1, 0, 512, False),
-      ]  # Global depthwise conv.
-      self.body = nn.Sequential(*layers)
-      self.head = EmbeddingHead(512, embedding_dim, bias=False)
-
-    def forward(self, x):
-      return self.head(self.body(x))
 
   class ArcFaceHead(nn.Module):
     """partial_fc_v2-style normalised FC + CombinedMarginLoss arcface + CE (one rank)."""
@@ -479,7 +403,7 @@ def _torch_reference():
       logits = logits.index_put((rows, labels), final)
       return F.cross_entropy(logits * ARCFACE_S, labels)
 
-  return torch, IResNet, MobileFaceNet, ArcFaceHead
+  return torch, torch_arcface.IResNet, MobileFaceNet, ArcFaceHead
 
 
 class TorchStep:
@@ -510,7 +434,9 @@ class TorchStep:
     if layout["kind"] == "mobilefacenet":
       backbone = TorchMobileFaceNet(embedding_dim, image_size)
     else:
-      backbone = IResNet(layout["stage_depths"], layout["stage_widths"], embedding_dim, image_size)
+      backbone = IResNet(
+          layout["stage_depths"], embedding_dim, layout["stage_widths"], image_size=image_size
+      )
     self.memory_format = getattr(
         torch, "channels_last" if memory_format == "channels_last" else "contiguous_format"
     )

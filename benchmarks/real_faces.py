@@ -26,6 +26,7 @@ import time
 import jax
 import numpy as np
 
+from adam_face import host_memory
 from benchmarks import machine as machine_lib
 
 # Presets: fields of configs/lfw_dev.py's config to override. "cpu" is the config as it is (the
@@ -192,4 +193,5 @@ def main():
 
 
 if __name__ == "__main__":
+  host_memory.restart_with_huge_pages()  # Trains as adam_face.main does.
   main()

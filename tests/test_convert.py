@@ -1,9 +1,8 @@
 """Tests of python -m adam_face.convert: arcface_torch weights, or their ONNX graphs, into a model
 directory.
 
-arcface_torch's networks are restated below in PyTorch from their published layout (insightface,
-recognition/arcface_torch/backbones: iresnet.py and mobilefacenet.py), with the module names of
-its state dicts. Their weights are random; their BatchNorm statistics are measured on random
+arcface_torch's networks are benchmarks/torch_arcface.py's PyTorch restatements, with the module
+names of its state dicts. Their weights are random; their BatchNorm statistics are measured on random
 images in train mode, then jittered (so that every layer carries the image, rather than BN biases,
 to the embedding, and no statistic is 0 or 1). Each side normalises the same uint8 images its own
 way, as in use: arcface_torch (x / 255 - 0.5) / 0.5 in NCHW, adam_face pixels.normalize in
@@ -25,119 +24,8 @@ torch = pytest.importorskip(
 from torch import nn  # noqa: E402
 
 from adam_face import convert, model_dir, pixels  # noqa: E402
+from benchmarks import torch_arcface  # noqa: E402
 from fixtures_data import REPO_ROOT  # noqa: E402
-
-
-class Layers(nn.Module):
-  """A module whose children sit in `.layers`, as in arcface_torch's MobileFaceNet blocks."""
-
-  def __init__(self, *layers, residual=False):
-    super().__init__()
-    self.layers = nn.Sequential(*layers)
-    self.residual = residual
-
-  def forward(self, x):
-    return x + self.layers(x) if self.residual else self.layers(x)
-
-
-def conv_bn(in_channels, out_channels, kernel=1, stride=1, padding=0, groups=1, prelu=True):
-  """arcface_torch's ConvBlock (conv, BN, PReLU) or, without the PReLU, LinearBlock."""
-  layers = [
-      nn.Conv2d(in_channels, out_channels, kernel, stride, padding, groups=groups, bias=False),
-      nn.BatchNorm2d(out_channels),
-  ]
-  return Layers(*layers, nn.PReLU(out_channels)) if prelu else Layers(*layers)
-
-
-def depthwise_unit(in_channels, out_channels, hidden, stride=1):
-  """arcface_torch's DepthWise: expand 1x1, depthwise 3x3 (`hidden` groups), project 1x1; a
-  residual where its stride is 1."""
-  return Layers(
-      conv_bn(in_channels, hidden),
-      conv_bn(hidden, hidden, 3, stride, 1, groups=hidden),
-      conv_bn(hidden, out_channels, prelu=False),
-      residual=stride == 1,
-  )
-
-
-class TorchMobileFaceNet(nn.Module):
-  """arcface_torch's get_mbf(fp16, num_features, blocks=(1, 4, 6, 2), scale=2)."""
-
-  def __init__(self, num_features):
-    super().__init__()
-    self.layers = nn.ModuleList(
-        [
-            conv_bn(3, 128, 3, 2, 1),
-            conv_bn(128, 128, 3, 1, 1, groups=64),
-            depthwise_unit(128, 128, 128, stride=2),
-            Layers(*[depthwise_unit(128, 128, 128) for _ in range(4)]),
-            depthwise_unit(128, 256, 256, stride=2),
-            Layers(*[depthwise_unit(256, 256, 256) for _ in range(6)]),
-            depthwise_unit(256, 256, 512, stride=2),
-            Layers(*[depthwise_unit(256, 256, 256) for _ in range(2)]),
-        ]
-    )
-    self.conv_sep = conv_bn(256, 512)
-    self.features = Layers(
-        conv_bn(512, 512, 7, groups=512, prelu=False),
-        nn.Flatten(),
-        nn.Linear(512, num_features, bias=False),
-        nn.BatchNorm1d(num_features),
-    )
-
-  def forward(self, x):
-    for layer in self.layers:
-      x = layer(x)
-    return self.features(self.conv_sep(x))
-
-
-class IRUnit(nn.Module):
-  """arcface_torch's IBasicBlock: BN, conv3x3, BN, PReLU, conv3x3 (strided), BN, plus shortcut."""
-
-  def __init__(self, in_channels, channels, stride):
-    super().__init__()
-    self.bn1 = nn.BatchNorm2d(in_channels, eps=1e-5)
-    self.conv1 = nn.Conv2d(in_channels, channels, 3, 1, 1, bias=False)
-    self.bn2 = nn.BatchNorm2d(channels, eps=1e-5)
-    self.prelu = nn.PReLU(channels)
-    self.conv2 = nn.Conv2d(channels, channels, 3, stride, 1, bias=False)
-    self.bn3 = nn.BatchNorm2d(channels, eps=1e-5)
-    self.downsample = None
-    if stride != 1 or in_channels != channels:
-      self.downsample = nn.Sequential(
-          nn.Conv2d(in_channels, channels, 1, stride, bias=False),
-          nn.BatchNorm2d(channels, eps=1e-5),
-      )
-
-  def forward(self, x):
-    y = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
-    return y + (x if self.downsample is None else self.downsample(x))
-
-
-class TorchIResNet(nn.Module):
-  """arcface_torch's IResNet: conv3x3-BN-PReLU stem, four stages, BN-flatten-fc-BN1d head."""
-
-  def __init__(self, depths, num_features):
-    super().__init__()
-    self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
-    self.prelu = nn.PReLU(64)
-    in_channels = 64
-    for stage, (depth, channels) in enumerate(zip(depths, (64, 128, 256, 512)), start=1):
-      units = [IRUnit(in_channels, channels, 2)]
-      units += [IRUnit(channels, channels, 1) for _ in range(depth - 1)]
-      setattr(self, f"layer{stage}", nn.Sequential(*units))
-      in_channels = channels
-    self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
-    self.fc = nn.Linear(512 * 7 * 7, num_features)
-    self.features = nn.BatchNorm1d(num_features, eps=1e-5)
-    self.features.weight.requires_grad = False  # Frozen at its initial 1.
-
-  def forward(self, x):
-    x = self.prelu(self.bn1(self.conv1(x)))
-    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-    return self.features(self.fc(torch.flatten(self.bn2(x), 1)))
-
 
 DEPTHS = {
     "r18": (2, 2, 2, 2),
@@ -150,8 +38,8 @@ DEPTHS = {
 
 def torch_model(arch: str, num_features: int = 512) -> nn.Module:
   if arch == "mbf":
-    return TorchMobileFaceNet(num_features)
-  return TorchIResNet(DEPTHS[arch], num_features)
+    return torch_arcface.MobileFaceNetMBF(num_features)
+  return torch_arcface.IResNet(DEPTHS[arch], num_features)
 
 
 def random_images(seed: int, count: int) -> np.ndarray:
@@ -353,7 +241,9 @@ def test_a_model_directory_for_another_input_scale_is_refused(
 ):
   weights, _ = arcface_torch_weights("r18")
   out = tmp_path / "model"
-  convert.main(["--from", "arcface_torch", "--arch", "r18", "--weights", str(weights)] + ["--out", str(out)])
+  convert.main(
+      ["--from", "arcface_torch", "--arch", "r18", "--weights", str(weights)] + ["--out", str(out)]
+  )
   info = json.loads((out / model_dir.MODEL_JSON).read_text())
   assert info["pixel_scale"] == pixels.PIXEL_SCALE == 127.5
   if pixel_scale is None:  # As written before the scale was recorded, for (x - 127.5) / 128.
