@@ -22,6 +22,8 @@ the model's input size. An image is used
     takes the one with the largest box and logs the file and the count, --faces=skip_multiple
     finds the photo unusable.
 
+A photo is read as a viewer shows it, its EXIF orientation applied (datasets/images.py: upright;
+as OpenCV's imread, which insightface reads photos with), and landmarks are in those coordinates.
 Pixels are those of training and verification: pillow reads and checks each file and converts
 what TensorFlow cannot decode as the dataset builders do (datasets/images.py), then the
 verification sets' decoding (train_input.decode_image at the model's input size, rounded to
@@ -220,7 +222,7 @@ def image_bytes(
   except OSError as e:
     raise UnusableImageError(f"{path}: cannot read it ({e.strerror}); fix the path.") from e
   try:
-    image = images.decode(data, path)
+    image = images.upright(images.decode(data, path))
   except images.UndecodableImageError as e:
     raise UnusableImageError(f"{e}; replace the file or leave it out.") from e
   points = landmarks(path) if landmarks else None

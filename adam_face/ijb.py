@@ -154,7 +154,9 @@ class AlignedFaces:
     path = os.path.join(protocol.image_dir, str(protocol.face_names[i]))
     try:
       with open(path, "rb") as f:
-        image = images.decode(f.read(), path)
+        # Upright, as insightface's evaluation reads the photo it warps with these landmarks
+        # (recognition/_evaluation_/ijb: cv2.imread, which applies EXIF orientation).
+        image = images.upright(images.decode(f.read(), path))
       return alignment.align_face(image, protocol.landmarks[i], ALIGNED_SIZE)
     except OSError as e:
       return f"{path}: cannot read it ({e.strerror})"

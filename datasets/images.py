@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 from absl import logging
-from PIL import Image
+from PIL import Image, ImageOps
 
 # File name endings treated as images when scanning folders; anything else (READMEs, csv files)
 # is ignored.
@@ -58,8 +58,23 @@ def decode(data: bytes, where: str) -> Image.Image:
   return image
 
 
+# The EXIF tag that says how a camera held the photo (1: as stored).
+_EXIF_ORIENTATION = 0x0112
+
+
+def upright(image: Image.Image) -> Image.Image:
+  """`image` as a viewer shows it: rotated or mirrored as its EXIF orientation says (a phone's
+  portrait photo is stored sideways with such a tag). OpenCV's imread does the same, and
+  insightface reads photos with it (its IJB evaluation, its FaceAnalysis users), so landmarks
+  given for a photo are in these coordinates. The image itself when it has no such tag."""
+  if image.getexif().get(_EXIF_ORIENTATION, 1) == 1:
+    return image
+  return ImageOps.exif_transpose(image)
+
+
 def storable_bytes(data: bytes, image: Image.Image) -> bytes:
-  """The bytes to store for decoded `image`: `data` itself when TF decodes it, else a PNG."""
+  """The bytes to store for decoded `image`: `data` itself when TF decodes it to `image`, else a
+  PNG (also of an image changed since decoding, e.g. made `upright`: it has no format)."""
   if image.mode in _TF_DECODABLE.get(image.format, ()):
     return data
   mode = "L" if image.mode in _GREY_MODES else "RGB"

@@ -3,7 +3,8 @@ test_ijb and test_train's evaluate test score it.
 
 Loose crops are made by pasting aligned faces (real LFW faces from ../shared/data/lfw_dev for half
 of the subjects when given, smooth random images otherwise) into larger photos at known offsets
-and scales, with the landmarks that follow. Subject s has template 10s+1 (faces 0 and 1, two
+and scales, with the landmarks that follow; every fifth photo is stored sideways with an EXIF
+orientation tag (landmarks of the photo as shown). Subject s has template 10s+1 (faces 0 and 1, two
 media; its 1:N gallery template, G1 for s < 5, G2 otherwise) and 10s+2 (face 2, then face 0
 twice as two frames of one medium; a mixed probe). Template 991 repeats template 21's faces (exact
 score ties); template 31 has a missing photo and 41 an undecodable one besides their good faces;
@@ -80,7 +81,14 @@ def write_ijbc(root: pathlib.Path, lfw_dev_dir=None, name: str = "ijbc") -> path
     for face, medium in entries:
       file_name = f"{len(face_rows)}.jpg"
       photo, points = _loose_crop(face, rng)
-      photo.save(crops / file_name, quality=95)
+      if len(face_rows) % 5 == 4:
+        # Stored sideways with EXIF orientation 6, as a camera writes a portrait photo; the
+        # landmarks are of the photo as shown, as insightface's (read by cv2.imread) are.
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        photo.transpose(Image.Transpose.ROTATE_90).save(crops / file_name, quality=95, exif=exif)
+      else:
+        photo.save(crops / file_name, quality=95)
       score = rng.uniform(0.5, 1.0)
       face_rows.append(f"{file_name} {t} {1000 * t + medium}")
       landmark_rows.append(

@@ -305,6 +305,37 @@ def test_a_raw_photo_embeds_as_its_aligned_crop(model_path, lfw_faces, mesh8, tm
   assert unaligned.max() < cosines.min()
 
 
+# How a camera stores a photo whose EXIF orientation is the key, given the photo as shown: the
+# inverse of what a viewer (PIL's ImageOps.exif_transpose) then does to it.
+STORED_FOR_ORIENTATION = {
+    3: Image.Transpose.ROTATE_180,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(
+    model_path, lfw_faces, mesh8, tmp_path
+):
+  """A phone's portrait photo is stored sideways with an EXIF orientation tag; read as stored,
+  the detector would look for a face lying on its side."""
+  margins = ((45, CANVAS[1] - 45 - 112), (60, CANVAS[0] - 60 - 112), (0, 0))
+  upright, tagged = [], []
+  for (orientation, stored), face in zip(STORED_FOR_ORIENTATION.items(), lfw_faces):
+    photo = Image.fromarray(np.pad(np.asarray(face), margins, mode="edge"))
+    upright.append(_save(photo, tmp_path / f"upright{orientation}.png"))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    tagged.append(str(tmp_path / f"tagged{orientation}.png"))
+    photo.transpose(stored).save(tagged[-1], exif=exif)
+  written = embed.embed_to_file(
+      model_path, upright + tagged, str(tmp_path / "out.npz"), batch_size=BATCH_SIZE
+  )
+  n = len(upright)
+  np.testing.assert_allclose(written["embeddings"][n:], written["embeddings"][:n], atol=1e-6)
+
+
 def test_a_photo_without_a_face_is_unusable_and_named(model_path, mesh8, tmp_path):
   noise = np.random.default_rng(1).integers(0, 256, (*CANVAS, 3), dtype=np.uint8)
   blank = _save(Image.fromarray(noise), tmp_path / "noise.png")

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
+from PIL import Image, ImageOps
 
 from adam_face import errors, ijb, report, template_metrics, verification_metrics
 from datasets import alignment
@@ -212,8 +212,7 @@ def _reference_metrics(root, weights):
   for i, name in enumerate(protocol.face_names):
     path = os.path.join(protocol.image_dir, name)
     try:
-      image = Image.open(path)
-      image.load()
+      image = ImageOps.exif_transpose(Image.open(path))  # As shown (ijb_fixture's sideways ones).
     except OSError:
       features.append(np.zeros(8))
       face_weights.append(0.0)
