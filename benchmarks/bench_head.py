@@ -13,6 +13,7 @@ its RSS just before the first step) belongs to that measurement alone. Also prin
 
   python benchmarks/bench_head.py                      # C = 10k, 100k; ~5 min on 2 CPU cores
   python benchmarks/bench_head.py --classes=10000,100000,1000000 --out=/tmp/bench_head.json
+  python benchmarks/bench_head.py --classes=100000 --chunk_columns=100000   # cosines kept, 1 chunk
   python benchmarks/bench_head.py --device=cuda --mesh_sizes=1 --classes=100000,1000000   # a GPU
 
 On a GPU, memory is the device's peak allocation (JAX's peak_bytes_in_use, PyTorch's
@@ -59,7 +60,9 @@ def _time(fn, steps: int) -> float:
 # ------------------------------------------------------------------------------ workers
 
 
-def worker_jax(num_classes: int, dtype: str, num_devices: int, steps: int) -> dict:
+def worker_jax(
+    num_classes: int, dtype: str, num_devices: int, steps: int, chunk_columns: int | None
+) -> dict:
   if num_devices > 1:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
   sys.path.insert(0, REPO)
@@ -86,6 +89,7 @@ def worker_jax(num_classes: int, dtype: str, num_devices: int, steps: int) -> di
         mesh=mesh,
         num_classes=num_classes,
         compute_dtype=compute_dtype,
+        chunk_columns=chunk_columns,
     )[0]
 
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
@@ -163,9 +167,9 @@ def worker_torch(num_classes: int, dtype: str, steps: int, device: str) -> dict:
 # ------------------------------------------------------------------------------ driver
 
 
-def _run_worker(args: list[str]) -> dict | None:
+def _run_worker(args: list[str], options: list[str] = ()) -> dict | None:
   proc = subprocess.run(
-      [sys.executable, __file__, "--worker", *args],
+      [sys.executable, __file__, "--worker", *args, *options],
       capture_output=True,
       text=True,
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
@@ -189,13 +193,22 @@ def main():
   parser.add_argument(
       "--mesh_sizes", default="1,8", help="N of the scaling table (N > 1 uses host-CPU devices)"
   )
+  parser.add_argument(
+      "--chunk_columns",
+      type=int,
+      default=0,
+      help="classes per chunk of adam_face's softmax (0: the head's own choice, "
+      "classifier.chunk_columns_for; the number of classes: one chunk, the cosines kept)",
+  )
   parser.add_argument("--out", default="/tmp/bench_head.json")
   parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
     impl, num_classes, dtype, num_devices, device = args.worker
     result = (
-        worker_jax(int(num_classes), dtype, int(num_devices), args.steps)
+        worker_jax(
+            int(num_classes), dtype, int(num_devices), args.steps, args.chunk_columns or None
+        )
         if impl == "jax"
         else worker_torch(int(num_classes), dtype, args.steps, device)
     )
@@ -205,8 +218,10 @@ def main():
   threads = os.cpu_count()
   print(
       f"head: normalised FC + ArcFace (s={S}, m={M}) + CE, fwd+bwd, B={B}, D={D}, "
-      f"{threads} CPU threads, PyTorch on {args.device}"
+      f"{threads} CPU threads, PyTorch on {args.device}, adam_face's chunks: "
+      f"{args.chunk_columns or 'chunk_columns_for'}"
   )
+  chunks = [f"--chunk_columns={args.chunk_columns}"]
   rows = []
   header = (
       f"{'C':>8} {'dtype':>9} | {'adam_face s':>11} {'torch s':>9} {'speed-up':>8} | "
@@ -217,7 +232,7 @@ def main():
   for num_classes in (int(c) for c in args.classes.split(",")):
     flops = 6 * B * D * num_classes
     for dtype in args.dtypes.split(","):
-      jax_r = _run_worker(["jax", str(num_classes), dtype, "1", args.device])
+      jax_r = _run_worker(["jax", str(num_classes), dtype, "1", args.device], chunks)
       torch_r = (
           _run_worker(["torch", str(num_classes), dtype, "1", args.device])
           if _torch_available()
@@ -254,7 +269,7 @@ def main():
   scaling = []
   for num_classes in (int(c) for c in args.classes.split(",")):
     for n in (int(n) for n in args.mesh_sizes.split(",")):
-      r = _run_worker(["jax", str(num_classes), "float32", str(n), args.device])
+      r = _run_worker(["jax", str(num_classes), "float32", str(n), args.device], chunks)
       if r is None:
         continue
       scaling.append({"num_classes": num_classes, "num_devices": n, **r})

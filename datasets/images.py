@@ -65,8 +65,9 @@ _EXIF_ORIENTATION = 0x0112
 def upright(image: Image.Image) -> Image.Image:
   """`image` as a viewer shows it: rotated or mirrored as its EXIF orientation says (a phone's
   portrait photo is stored sideways with such a tag). OpenCV's imread does the same, and
-  insightface reads photos with it (its IJB evaluation, its FaceAnalysis users), so landmarks
-  given for a photo are in these coordinates. The image itself when it has no such tag."""
+  insightface reads photos with it (its IJB evaluation, recognition/_evaluation_/ijb), so
+  landmarks given for a photo are in these coordinates. The image itself when it has no such
+  tag."""
   if image.getexif().get(_EXIF_ORIENTATION, 1) == 1:
     return image
   return ImageOps.exif_transpose(image)
