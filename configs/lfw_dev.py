@@ -1,9 +1,9 @@
 # Run:      python -m adam_face.main --config=configs/lfw_dev.py:adam --workdir=runs/lfw_dev_adam
 #           (any row of ROWS after the colon; benchmarks/real_faces.py runs them all)
-# Runtime:  about a minute a run on a 2-core CPU once the data is built (adam: 57 ± 3 s a seed,
-#           compilation included, 2026-12-01).
-# Result:   LFW dev fold (600 pairs of people not in training), seeds 0-2: adam 83.22 ± 0.63 %
-#           accuracy, 77.22 % TAR@FAR=1e-1, AUC 0.910 (2026-12-01); every row's figures are in
+# Runtime:  under a minute a run on a 2-core CPU once the data is built (adam: 24 ± 5 s a seed,
+#           compilation included, 2026-12-01, 2-core AMD EPYC, tests running beside it at times).
+# Result:   LFW dev fold (600 pairs of people not in training), seeds 0-2: adam 83.11 ± 1.46 %
+#           accuracy, 76.11 % TAR@FAR=1e-1, AUC 0.905 (2026-12-01); every row's figures are in
 #           benchmarks/README.md ("Losses on real faces").
 """Real faces on a CPU: every loss on the same budget, trained on LFW people, verified on LFW dev.
 
