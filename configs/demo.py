@@ -1,8 +1,8 @@
 # Run:      ./run.sh   (= python -m adam_face.main --config=configs/demo.py --workdir=runs/demo)
-# Runtime:  a few minutes on a 2-core CPU: 3 min 41 s on the development machine, nothing else
-#           running (2026-12-01, synthetic_faces already built).
+# Runtime:  a minute or a few on a 2-core CPU: 1 min 27 s on the development machine (AMD EPYC),
+#           building synthetic_faces included, nothing else running (2026-12-01).
 # Result:   verification on held-out synthetic identities (never seen in training); that run
-#           ended at 95.48 / 96.67 / 87.86 / 77.86 / 69.88 (acc / TAR@FAR=1e-1 / 1e-2 / 3e-3 /
+#           ended at 95.06 / 96.79 / 87.98 / 77.02 / 53.81 (acc / TAR@FAR=1e-1 / 1e-2 / 3e-3 /
 #           1e-3, benchmarks/README.md, "The demo").
 """The embedded default: ADAM (ADM + auto-margin) on synthetic_faces with the tiny backbone."""
 

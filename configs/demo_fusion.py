@@ -1,9 +1,9 @@
 # Run:      python -m adam_face.main --config=configs/demo_fusion.py --workdir=runs/demo_fusion
-# Runtime:  a few minutes on the 2-core development machine (3 min 37 s, 2 min 28 s and 4 min 48 s
-#           in three runs, 2026-12-01, 2026-12-01 and 2026-11-30, datasets already built); needs the ORL faces at
+# Runtime:  a minute or a few on the 2-core development machine (1 min 21 s on an AMD EPYC,
+#           2026-12-01; 2.5-5 min on an earlier Xeon before huge pages); needs the ORL faces at
 #           ../shared/data/orl_faces (or $ADAM_FACE_ORL_DIR).
 # Result:   verification tables on held-out synthetic identities and on ORL s31-s40 (unseen); the
-#           latest run ended at synthetic 91.25 % and orl 85.44 % accuracy
+#           latest run ended at synthetic 91.73 % and orl 84.67 % accuracy
 #           (benchmarks/README.md, "The demo"); each dataset's loss / acc / acc_margin / margin is
 #           in TensorBoard.
 """Dataset fusion on the embedded data: synthetic_faces and ORL s1-s30, one head each.

@@ -2,16 +2,17 @@
 
 The 'orl' verification set is balanced as LFW is (all 450 genuine pairs of s31-s40 and 450 seeded
 impostor pairs, 10 folds). Measured with these settings (2 CPU cores, 120 steps at 64x64, random
-crops and brightness/contrast jitter; printed by this test with -s): the untrained tiny network
-scores accuracy 81.00 % (fold std 3.56), TAR@FAR=1e-1 72.89 %, ROC AUC 0.9005; after training,
-accuracy 90.78 % (fold std 2.11), TAR@FAR=1e-1 88.67 %, AUC 0.9363. Without the crops and jitter
-the same training reached 84.22 % (an earlier version of the head): with 300 training images the
-network overfits. Fine-tuning the trained network from its model directory with a new head (20
-steps, backbone frozen for 10, then at a tenth of the learning rate) gave accuracy 91.11 %, AUC
-0.9383. (These are under the test session's XLA flags, tests/conftest.py, with the head that
-scales cosines by inverse centre norms; before that change the same test printed 89.67 % trained,
-and compiled with XLA's defaults 90.22 %: float reordering alone moves these figures by about half
-a fold's standard deviation.)
+crops and brightness/contrast jitter; printed by this test with -s, 2026-12-01, with arcface_torch's
+input scale (x - 127.5) / 127.5): the untrained tiny network scores accuracy 81.00 % (fold std
+3.56), TAR@FAR=1e-1 72.89 %, ROC AUC 0.9005; after training, accuracy 89.56 % (fold std 2.95),
+TAR@FAR=1e-1 90.44 %, AUC 0.9449. Without the crops and jitter the same training reached 84.22 %
+(an earlier version of the head): with 300 training images the network overfits. Fine-tuning the
+trained network from its model directory with a new head (20 steps, backbone frozen for 10, then
+at a tenth of the learning rate) gave accuracy 90.11 %, AUC 0.9471. (These are under the test
+session's XLA flags, tests/conftest.py. Earlier runs printed 90.78 % trained (AUC 0.9363) with the
+input divided by 128, 89.67 % before the head scaled cosines by inverse centre norms, and 90.22 %
+compiled with XLA's defaults: rounding alone moves these figures by about half a fold's standard
+deviation.)
 """
 
 import copy
