@@ -326,11 +326,10 @@ def test_sigkill_during_an_async_save_is_never_resumed_from(reference, tmp_path)
   _assert_same_arrays(_arrays(workdir)[1], reference[1])
 
 
-# When one of orbax's parallel writes fails, its save's event loop ends with that error while
-# writes still running in its thread pool finish later and find the loop closed; asyncio reports
-# that ("Event loop is closed", from call_soon_threadsafe) as an exception ignored in a thread,
-# at times, depending on which write fails first. It is orbax's leftover, not a lost error: the
-# test checks what the run reports and keeps.
+# When orbax's asynchronous save fails on the full disk, a callback of its writer threads can
+# run after the save's event loop has closed; asyncio then reports "Event loop is closed" (from
+# call_soon_threadsafe) as an unraisable exception, in some runs and not others. It is orbax's
+# leftover after the error, not a lost error: the test checks what the run reports and keeps.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("metrics_fail_first", [False, True])
 def test_full_disk_during_a_checkpoint_stops_and_keeps_the_previous(
