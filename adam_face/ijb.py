@@ -4,7 +4,7 @@
 
 The set is read by datasets/ijb.py (insightface's IJB release layout); the metrics are
 template_metrics' (1:1 TAR@FAR from 1e-6 to 1e-1, and, where the 1:N lists are there, open-set
-1:N per gallery and their mean).
+1:N per gallery and their mean, plus insightface's ijb_1n.py figures of the galleries joined).
 
 Faces, as insightface's eval_ijbc.py treats them (differences named):
   * each loose crop is warped onto the 112x112 ArcFace template by its five landmarks
@@ -40,6 +40,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -317,34 +318,27 @@ def score_protocol(
 
 
 def _identification(protocol, templates, empty, mesh) -> dict:
-  """Open-set 1:N metrics of each gallery ('<gallery>/<metric>') and their mean ('<metric>')."""
+  """Open-set 1:N metrics of each gallery ('<gallery>/<metric>') and their mean ('<metric>'), and
+  insightface's ijb_1n.py figures of the galleries joined ('insightface/<metric>')."""
   probes = protocol.probes
   probe_kept = ~np.isin(probes.templates, empty)
   probe_features = templates.features[templates.rows(probes.templates[probe_kept])]
   probe_subjects = probes.subjects[probe_kept]
-  per_gallery = {}
+  per_gallery, joined_templates = {}, []
   for name, gallery in protocol.galleries.items():
     kept = ~np.isin(gallery.templates, empty)
     if not kept.any():
       raise errors.RunError(f"{protocol.name} gallery {name} has no template with a usable face.")
-    gallery_subjects = gallery.subjects[kept]
-    order = np.argsort(gallery_subjects, kind="stable")
-    if np.any(np.diff(gallery_subjects[order]) == 0):
+    mated_row = _mated_rows(gallery.subjects[kept], probe_subjects)
+    if mated_row is None:
       raise errors.RunError(
           f"{protocol.name} gallery {name} holds two templates of one subject; a 1:N gallery "
           "holds one template a subject."
       )
-    position = np.searchsorted(gallery_subjects[order], probe_subjects)
-    position = np.minimum(position, len(order) - 1)
-    mated = gallery_subjects[order][position] == probe_subjects
-    mated_row = np.where(mated, order[position], -1)
-    result = template_metrics.search_gallery(
-        probe_features,
-        templates.features[templates.rows(gallery.templates[kept])],
-        mated_row,
-        mesh,
-    )
+    gallery_features = templates.features[templates.rows(gallery.templates[kept])]
+    result = template_metrics.search_gallery(probe_features, gallery_features, mated_row, mesh)
     per_gallery[name] = template_metrics.one_to_n_metrics(result)
+    joined_templates.append((gallery.templates[kept], gallery.subjects[kept]))
   metrics = {
       key: float(np.mean([m[key] for m in per_gallery.values()]))
       for key in next(iter(per_gallery.values()))
@@ -352,5 +346,35 @@ def _identification(protocol, templates, empty, mesh) -> dict:
   }
   for name, gallery_metrics in per_gallery.items():
     metrics.update({f"{name}/{key}": value for key, value in gallery_metrics.items()})
+  joined, joined_subjects = (np.concatenate(column) for column in zip(*joined_templates))
+  mated_row = _mated_rows(joined_subjects, probe_subjects)
+  if mated_row is None:
+    logging.warning(
+        "%s: a subject has templates in two galleries, so insightface's joined-gallery 1:N "
+        "figures (ijb_1n.py) are not computed.",
+        protocol.name,
+    )
+  else:
+    largest = math.ceil(max(template_metrics.INSIGHTFACE_FARS) * len(probe_subjects))
+    result = template_metrics.search_gallery(
+        probe_features,
+        templates.features[templates.rows(joined)],
+        mated_row,
+        mesh,
+        num_largest_non_mated=largest,
+    )
+    insightface = template_metrics.insightface_one_to_n_metrics(result)
+    metrics.update({f"insightface/{key}": value for key, value in insightface.items()})
   metrics["num_unscored_probes"] = int((~probe_kept).sum())
   return metrics
+
+
+def _mated_rows(gallery_subjects: np.ndarray, probe_subjects: np.ndarray) -> np.ndarray | None:
+  """Per probe, the gallery row of its subject, -1 where the gallery has none; None where the
+  gallery holds a subject twice."""
+  order = np.argsort(gallery_subjects, kind="stable")
+  if np.any(np.diff(gallery_subjects[order]) == 0):
+    return None
+  position = np.minimum(np.searchsorted(gallery_subjects[order], probe_subjects), len(order) - 1)
+  mated = gallery_subjects[order][position] == probe_subjects
+  return np.where(mated, order[position], -1)

@@ -22,9 +22,11 @@ said otherwise:
   - FPIR(t): the fraction of non-mated probes whose best gallery score is above t; TPIR(t): the
     fraction of mated probes of rank 1 whose mated score is above t; the threshold at a target
     FPIR is far_threshold of the non-mated probes' best scores.
-  insightface's ijb_1n.py differs: it joins G1 and G2 into one gallery, so every probe is mated,
-  and it counts FPIR over all non-mated (probe, gallery) score pairs; its figures are not
-  comparable with these.
+  insightface's ijb_1n.py differs, and its figures are also reported (insightface_one_to_n_metrics):
+  it joins G1 and G2 into one gallery, so every probe is mated; rank-k is over every probe; and
+  its 'TPR@FAR' threshold is the ceil(FAR x probes)-th largest score of all non-mated (probe,
+  gallery template) pairs, its TPR the fraction of probes whose mated score is above it, at any
+  rank. Its figures are not comparable with NIST's.
 
 Scores of many pairs and probes are computed on the device mesh: pairs (or probes) are sharded
 over every device, the template features replicated.
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -46,6 +49,7 @@ from adam_face import verification_metrics
 VERIFICATION_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 IDENTIFICATION_FPIRS = (1e-2, 1e-1)
 IDENTIFICATION_RANKS = (1, 5, 10)
+INSIGHTFACE_FARS = (1e-2, 1e-1)  # ijb_1n.py's `Fars`.
 # Elements of one block of the templates' Gram matrix (pair_scores): 128 MB of float32; entries
 # of a block are int32.
 _GRAM_BLOCK_ELEMENTS = 1 << 25
@@ -259,11 +263,13 @@ def one_to_one_metrics(
 @dataclasses.dataclass(frozen=True)
 class SearchResult:
   """One gallery searched by every probe: per probe, its mated template's score and rank (NaN and
-  0 for non-mated probes) and its best gallery score."""
+  0 for non-mated probes) and its best gallery score; and, where asked for, the largest scores of
+  non-mated (probe, gallery template) pairs over all probes."""
 
   mated_score: np.ndarray  # float32 [P]
   rank: np.ndarray  # int32 [P], 0 when non-mated
   best_score: np.ndarray  # float32 [P]
+  largest_non_mated: np.ndarray | None = None  # float32 [k], descending
 
   @property
   def is_mated(self) -> np.ndarray:
@@ -271,7 +277,11 @@ class SearchResult:
 
 
 def search_gallery(
-    probes: np.ndarray, gallery: np.ndarray, mated_row: np.ndarray, mesh: jax.sharding.Mesh
+    probes: np.ndarray,
+    gallery: np.ndarray,
+    mated_row: np.ndarray,
+    mesh: jax.sharding.Mesh,
+    num_largest_non_mated: int = 0,
 ) -> SearchResult:
   """Scores probe features [P, D] against gallery features [G, D] (unit rows) on the mesh.
 
@@ -281,6 +291,8 @@ def search_gallery(
     mated_row: int [P], the gallery row of each probe's subject, -1 where it has none.
     mesh: probes are sharded over its devices, the gallery replicated; each program run scores
       a block of probes against the whole gallery in one matrix product.
+    num_largest_non_mated: k, for SearchResult.largest_non_mated (insightface_one_to_n_metrics);
+      each block keeps its probes' k largest non-mated scores, merged on the host.
   """
   probes = np.asarray(probes, np.float32)
   gallery_on_mesh = jax.device_put(
@@ -288,7 +300,9 @@ def search_gallery(
   )
   mated_row = np.asarray(mated_row, np.int32)
   chunk = _PROBES_PER_DEVICE * mesh.size
-  search = _search_step(mesh)
+  # A probe has at most G non-mated scores: its top k never needs more columns.
+  row_k = min(num_largest_non_mated, len(gallery))
+  search = _search_step(mesh, row_k)
   axes = tuple(mesh.axis_names)
   pending = []
   for start in range(0, len(probes), chunk):
@@ -299,13 +313,20 @@ def search_gallery(
     rows = np.pad(rows, (0, pad), constant_values=-1)
     block, rows = jax.device_put((block, rows), NamedSharding(mesh, PartitionSpec(axes)))
     pending.append((search(gallery_on_mesh, block, rows), valid))
-  parts = [[np.asarray(x)[:valid] for x in out] for out, valid in pending]
+  parts, largest = [], None
+  for out, valid in pending:
+    mated_score, rank, best, *row_largest = (np.asarray(x)[:valid] for x in out)
+    parts.append((mated_score, rank, best))
+    if row_largest:
+      # -inf marks a probe's mated column: never a score. Merged block by block, descending.
+      scores = np.concatenate([row_largest[0].ravel()] + ([] if largest is None else [largest]))
+      largest = -np.sort(-scores[scores > -np.inf])[:num_largest_non_mated]
   mated_score, rank, best = (np.concatenate(column) for column in zip(*parts))
-  return SearchResult(mated_score, rank, best)
+  return SearchResult(mated_score, rank, best, largest)
 
 
 @functools.lru_cache(maxsize=None)
-def _search_step(mesh: jax.sharding.Mesh):
+def _search_step(mesh: jax.sharding.Mesh, row_k: int):
   shard = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
 
   def search(gallery, probes, mated_row):
@@ -314,9 +335,14 @@ def _search_step(mesh: jax.sharding.Mesh):
     mated = jnp.take_along_axis(scores, jnp.maximum(mated_row, 0)[:, None], axis=1)[:, 0]
     mated = jnp.where(is_mated, mated, jnp.nan)
     rank = 1 + jnp.sum(scores > mated[:, None], axis=1, dtype=jnp.int32)
-    return mated, jnp.where(is_mated, rank, 0), jnp.max(scores, axis=1)
+    out = (mated, jnp.where(is_mated, rank, 0), jnp.max(scores, axis=1))
+    if row_k:
+      columns = jnp.arange(scores.shape[1])
+      non_mated = jnp.where(columns == mated_row[:, None], -jnp.inf, scores)
+      out += (jax.lax.top_k(non_mated, row_k)[0],)
+    return out
 
-  return jax.jit(search, in_shardings=(None, shard, shard), out_shardings=(shard, shard, shard))
+  return jax.jit(search, in_shardings=(None, shard, shard), out_shardings=shard)
 
 
 def one_to_n_metrics(
@@ -345,4 +371,31 @@ def one_to_n_metrics(
     metrics[f"threshold@fpir={label}"] = threshold
   metrics["num_mated"] = int(is_mated.sum())
   metrics["num_non_mated"] = int((~is_mated).sum())
+  return metrics
+
+
+def insightface_one_to_n_metrics(
+    result: SearchResult,
+    fars: Sequence[float] = INSIGHTFACE_FARS,
+    ranks: Sequence[int] = IDENTIFICATION_RANKS,
+) -> dict:
+  """insightface's ijb_1n.py figures (module docstring) of a search of the galleries joined into
+  one, with result.largest_non_mated of at least ceil(max(fars) x probes) scores: 'rank-k' over
+  every probe searched (one whose subject has no usable gallery template counts as a miss), and
+  'tpr@far=' and 'threshold@far=' for each FAR. Ties rank the mated template first, where
+  ijb_1n.py's argsort orders them arbitrarily."""
+  num_probes = len(result.rank)
+  metrics = {f"rank-{k}": float(np.mean(result.is_mated & (result.rank <= k))) for k in ranks}
+  for far in verification_metrics.checked_fars(fars):
+    position = math.ceil(num_probes * far)  # ijb_1n.py's `required_topk`, computed as it is.
+    if position > len(result.largest_non_mated):
+      raise ValueError(
+          f"FAR {far} needs the {position} largest non-mated scores; the search kept "
+          f"{len(result.largest_non_mated)} (search_gallery's num_largest_non_mated)."
+      )
+    threshold = float(result.largest_non_mated[position - 1])
+    label = verification_metrics.far_label(far)
+    # NaN (a probe without a mated template) is above no threshold.
+    metrics[f"tpr@far={label}"] = float(np.mean(result.mated_score > threshold))
+    metrics[f"threshold@far={label}"] = threshold
   return metrics

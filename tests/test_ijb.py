@@ -95,6 +95,28 @@ def brute_search(probes, probe_subjects, gallery, gallery_subjects, fpir):
   return np.mean(np.array(mated_ranks) <= 1), np.mean(np.array(mated_ranks) <= 5), tpir
 
 
+def brute_insightface_search(probes, probe_subjects, gallery, gallery_subjects, far):
+  """insightface's ijb_1n.py reading by loops: (rank-1, rank-5, TPR at far) over one gallery,
+  every probe counted; a probe's threshold is the ceil(far x probes)-th largest non-mated pair
+  score of all probes."""
+  ranks, mated_scores, non_mated = [], [], []
+  for p, subject in zip(probes, probe_subjects):
+    scores = [float(np.dot(p, g)) for g in gallery]
+    if subject in gallery_subjects:
+      mated = gallery_subjects.index(subject)
+      others = scores[:mated] + scores[mated + 1 :]
+      ranks.append(1 + sum(s > scores[mated] for s in others))
+      mated_scores.append(scores[mated])
+      non_mated += others
+    else:
+      ranks.append(math.inf)
+      mated_scores.append(-math.inf)
+      non_mated += scores
+  threshold = sorted(non_mated, reverse=True)[math.ceil(len(probes) * far) - 1]
+  ranks = np.array(ranks)
+  return np.mean(ranks <= 1), np.mean(ranks <= 5), np.mean(np.array(mated_scores) > threshold)
+
+
 # ---- metrics on given features ---------------------------------------------------------------
 
 
@@ -169,6 +191,36 @@ def test_gallery_search_matches_the_brute_force_with_ties(mesh8):
     assert metrics[f"tpir@fpir={label}"] == pytest.approx(tpir)
     assert metrics[f"fpir@fpir={label}"] <= fpir
   assert metrics["num_mated"] + metrics["num_non_mated"] == 90
+
+
+def test_insightface_joined_gallery_figures_match_the_brute_force(mesh8, monkeypatch):
+  monkeypatch.setattr(template_metrics, "_PROBES_PER_DEVICE", 4)  # 3 blocks of 32 probes.
+  rng = np.random.default_rng(3)
+  gallery = rng.normal(size=(12, 5))
+  gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+  gallery_subjects = list(range(100, 112))
+  probe_subjects = rng.choice(list(range(100, 115)), 90)  # A few without a gallery template.
+  mated_of = {s: i for i, s in enumerate(gallery_subjects)}
+  probes = gallery[[mated_of.get(s, 0) for s in probe_subjects]] + rng.normal(0, 0.8, (90, 5))
+  probes /= np.linalg.norm(probes, axis=1, keepdims=True)
+  probes, gallery = probes.astype(np.float32), gallery.astype(np.float32)
+  mated_row = np.array([mated_of.get(s, -1) for s in probe_subjects])
+  fars = (0.05, 0.3)  # Thresholds: the 5th and the 27th largest non-mated score of all probes.
+  result = template_metrics.search_gallery(
+      probes, gallery, mated_row, mesh8, num_largest_non_mated=27
+  )
+  assert len(result.largest_non_mated) == 27  # More than one probe's 11 or 12.
+  assert np.all(np.diff(result.largest_non_mated) <= 0)
+  metrics = template_metrics.insightface_one_to_n_metrics(result, fars=fars, ranks=(1, 5))
+  for far in fars:
+    rank1, rank5, tpr = brute_insightface_search(
+        probes.astype(np.float64), probe_subjects, gallery, gallery_subjects, far
+    )
+    assert metrics["rank-1"] == pytest.approx(rank1)
+    assert metrics["rank-5"] == pytest.approx(rank5)
+    assert metrics[f"tpr@far={verification_metrics.far_label(far)}"] == pytest.approx(tpr)
+  with pytest.raises(ValueError, match="needs the 45 largest non-mated scores; the search kept 27"):
+    template_metrics.insightface_one_to_n_metrics(result, fars=(0.5,))
 
 
 def test_pair_scores_span_several_gram_blocks(mesh8, monkeypatch):
@@ -274,6 +326,20 @@ def test_ijb_evaluation_matches_the_brute_force(ijbc_root, tmp_path, mesh8):
     assert one_to_n[f"{gallery_name}/rank-5"] == pytest.approx(rank5)
     assert one_to_n[f"{gallery_name}/num_mated"] == 5
   assert one_to_n["rank-1"] == pytest.approx((one_to_n["G1/rank-1"] + one_to_n["G2/rank-1"]) / 2)
+  # insightface's reading: G1 and G2 joined, every probe mated.
+  for far in template_metrics.INSIGHTFACE_FARS:
+    rank1, rank5, tpr = brute_insightface_search(
+        [pooled[t] for t in probe_ids],
+        list(range(ijb_fixture.SUBJECTS)),
+        [pooled[10 * s + 1] for s in range(ijb_fixture.SUBJECTS)],
+        list(range(ijb_fixture.SUBJECTS)),
+        far,
+    )
+    assert one_to_n[f"insightface/tpr@far={verification_metrics.far_label(far)}"] == pytest.approx(
+        tpr
+    )
+  assert one_to_n["insightface/rank-1"] == pytest.approx(rank1)
+  assert one_to_n["insightface/rank-5"] == pytest.approx(rank5)
   table = report.format_table(result.metrics).splitlines()
   assert (
       table[0].split() == ["set", "TAR@FAR=1e-6", "/"] + "1e-5 / 1e-4 / 1e-3 / 1e-2 / 1e-1".split()
