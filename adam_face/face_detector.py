@@ -82,6 +82,7 @@ import numpy as np
 from PIL import Image
 
 from adam_face import errors
+from adam_face.models import normalization
 
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(__file__), "weights", "mtcnn.npz")
 MIN_FACE_SIZE = 20
@@ -109,12 +110,14 @@ _PRECISION = jax.lax.Precision.HIGHEST
 
 
 class PReLU(nn.Module):
-  """x where x >= 0, alpha * x elsewhere, one alpha a channel (the last axis)."""
+  """normalization.prelu with one slope a channel, named "alpha" as facenet-pytorch's weights
+  (the backbones' PReLU names its slope "slope")."""
 
   @nn.compact
   def __call__(self, x):
-    alpha = self.param("alpha", nn.initializers.constant(0.25), (x.shape[-1],))
-    return jnp.where(x >= 0, x, alpha * x)
+    return normalization.prelu(
+        x, self.param("alpha", nn.initializers.constant(0.25), (x.shape[-1],))
+    )
 
 
 def _conv(features: int, size: int, name: str) -> nn.Conv:
