@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -375,31 +376,72 @@ def verify(tree, integrity: dict[str, Any], *, where: str) -> None:
     )
 
 
-def restore_arrays(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
+def restore_arrays(
+    workdir: str, step: int | None = None, subtrees: Sequence[str] | None = None
+) -> tuple[int, dict[str, Any]]:
   """(step, the state's arrays as nested dicts of numpy arrays), verified: for reading a
-  checkpoint without building the TrainState (evaluation, embedding, tests), on any device count.
-  Latest step by default."""
-  checkpoints = Checkpoints(workdir, keep=1, read_only=True)
-  manager = checkpoints._manager  # pylint: disable=protected-access
+  checkpoint without building the TrainState (evaluation, embedding, init_from, tests), on any
+  device count. Latest step by default.
+
+  `subtrees`: the dotted names of the parts to read (("params.backbone", "batch_stats") for a
+  backbone); only they are read from disk and verified, so reading a backbone never loads a
+  WebFace42M-sized class-centre matrix and its optimiser state. Default: the whole state.
+  """
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  # The state as the tree orbax saved (PyTreeCheckpointHandler reads what StandardSave wrote),
+  # so that a part of it can be read alone.
+  manager = ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      item_handlers={
+          "state": ocp.PyTreeCheckpointHandler(),
+          "integrity": ocp.JsonCheckpointHandler(),
+      },
+  )
   try:
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
       raise FileNotFoundError(
           f"No checkpoint {f'at step {step} ' if step is not None else ''}in "
-          f"{checkpoints.directory} (available: {list(manager.all_steps())})."
+          f"{directory} (available: {list(manager.all_steps())})."
       )
+    saved = manager.item_metadata(step)["state"].tree
+    wanted = saved if subtrees is None else _subtrees(saved, subtrees, f"{directory} step {step}")
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
-            # Laid out as saved where this process has those devices, else on its first device:
-            # evaluation and embedding may run on fewer devices than training.
-            state=ocp.args.StandardRestore(
-                fallback_sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            state=ocp.args.PyTreeRestore(
+                item=wanted,
+                restore_args=jax.tree.map(
+                    lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted
+                ),
+                partial_restore=subtrees is not None,
             ),
             integrity=ocp.args.JsonRestore(),
         ),
     )
   finally:
-    checkpoints.close()
-  verify(restored["state"], restored["integrity"], where=f"{checkpoints.directory} step {step}")
+    manager.close()
+  integrity = restored["integrity"]
+  if subtrees is not None:
+    prefixes = tuple(f"{name}." for name in subtrees)
+    integrity = {k: v for k, v in integrity.items() if k.startswith(prefixes)}
+  verify(restored["state"], integrity, where=f"{directory} step {step}")
   return step, restored["state"]
+
+
+def _subtrees(tree: dict[str, Any], names: Sequence[str], where: str) -> dict[str, Any]:
+  """The parts of nested dict `tree` at the dotted `names`, in a tree of the same nesting."""
+  selected: dict[str, Any] = {}
+  for name in names:
+    node, target = tree, selected
+    *parents, last = name.split(".")
+    for key in parents + [last]:
+      if not isinstance(node, dict) or key not in node:
+        have = ", ".join(sorted(node)) if isinstance(node, dict) else "no parts"
+        raise ValueError(f"{where}: the state has no {name!r} ({key!r} not among: {have}).")
+      node = node[key]
+    for key in parents:
+      target = target.setdefault(key, {})
+    target[last] = node
+  return selected

@@ -32,6 +32,8 @@ from adam_face import models, pixels
 
 MODEL_JSON = "model.json"
 VARIABLES = "variables.msgpack"
+# What of a workdir's train state is the backbone (checkpointing.restore_arrays's names).
+BACKBONE_SUBTREES = ("params.backbone", "batch_stats")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +173,8 @@ def load(path: str, step: int | None = None) -> Model:
         "name": config["model"]["name"],
         "embedding_dim": config["model"]["embedding_dim"],
     }
-    step, state = checkpointing.restore_arrays(path, step)
+    # The backbone alone: a large run's class centres and optimiser state stay on disk.
+    step, state = checkpointing.restore_arrays(path, step, subtrees=BACKBONE_SUBTREES)
     variables = {"params": state["params"]["backbone"], "batch_stats": state["batch_stats"]}
     return Model(
         create_module(model_config),

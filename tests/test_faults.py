@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from adam_face import checkpointing, report, train, train_input
+from adam_face import checkpointing, model_dir, report, train, train_input
 from adam_face import data_builders
 from adam_face import verification_sets
 from datasets import recordio
@@ -283,6 +283,28 @@ def test_resume_on_other_device_counts_8_3_8(reference, tmp_path, monkeypatch):
   assert on_one.returncode == 0, on_one.stderr[-3000:]
   result = json.loads(next(l for l in on_one.stdout.splitlines() if l.startswith("RESULT "))[7:])
   assert result["step"] == 8 and result["shapes"]["params.head.0.centers"] == [16, 128]
+
+
+def test_a_backbone_is_read_without_the_rest_of_the_state(reference):
+  """model_dir reads a workdir's backbone alone: the head's centres and the optimiser state are
+  not read, and what is read is verified and equal to the whole state's parts."""
+  workdir, arrays = reference
+  step, state = checkpointing.restore_arrays(str(workdir), subtrees=model_dir.BACKBONE_SUBTREES)
+  names = {
+      checkpointing.leaf_name(path): np.asarray(x)
+      for path, x in jax.tree_util.tree_leaves_with_path(state)
+  }
+  assert (
+      step == 8
+      and sorted(state) == ["batch_stats", "params"]
+      and list(state["params"]) == ["backbone"]
+  )
+  expected = [n for n in arrays if n.startswith(("params.backbone.", "batch_stats."))]
+  assert sorted(names) == sorted(expected) and len(expected) < len(arrays)
+  for name in expected:
+    np.testing.assert_array_equal(names[name], arrays[name])
+  with pytest.raises(ValueError, match=r"no 'params.body' \('body' not among: backbone, head\)"):
+    checkpointing.restore_arrays(str(workdir), subtrees=("params.body",))
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(reference, tmp_path, caplog):
