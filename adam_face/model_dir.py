@@ -8,8 +8,8 @@
                          "pixel_scale": the s of the (x - 127.5) / s its variables expect,
                          "source": where the weights came from}
       variables.msgpack  the backbone's {"params", "batch_stats"} (flax.serialization);
-  * or a training workdir (its config.json and its latest checkpoint, verified; see
-    checkpointing.py), optionally at a given step.
+  * or a training workdir (its config.json and its latest checkpoint's backbone, read alone and
+    verified; see checkpointing.py), optionally at a given step.
 
 `load` returns a `Model`: the flax module, its variables and the image size, whose `embed_fn` is
 what embedding.compute_embeddings takes. Inputs are normalised images (pixels.normalize of
