@@ -32,12 +32,14 @@ import json
 import math
 import os
 import resource
-import subprocess
 import sys
 import time
 
+if not __package__:  # Run as a script, python benchmarks/bench_head.py: the repository's root.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import machine  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 B, D, S, M = 512, 512, 64.0, 0.5
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _rss_bytes() -> int:
@@ -65,7 +67,6 @@ def worker_jax(
 ) -> dict:
   if num_devices > 1:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
-  sys.path.insert(0, REPO)
   import jax
   import jax.numpy as jnp
   from adam_face import classifier, margins
@@ -168,16 +169,12 @@ def worker_torch(num_classes: int, dtype: str, steps: int, device: str) -> dict:
 
 
 def _run_worker(args: list[str], options: list[str] = ()) -> dict | None:
-  proc = subprocess.run(
-      [sys.executable, __file__, "--worker", *args, *options],
-      capture_output=True,
-      text=True,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+  result, error = machine.run_worker(
+      "benchmarks.bench_head", [*args, *options], xla_flags=None, platform_name=None
   )
-  if proc.returncode:
-    print(f"worker {args} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-    return None
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  if error:
+    print(f"worker {args} failed: {error}", file=sys.stderr)
+  return result
 
 
 def _torch_available() -> bool:
@@ -286,7 +283,6 @@ def main():
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, REPO)
   from adam_face import host_memory  # pylint: disable=g-import-not-at-top
 
   # As adam_face.main runs; the workers, PyTorch's too, inherit the environment.

@@ -35,17 +35,13 @@ import ctypes
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import time
 
+from benchmarks import machine
+
 B, D, S, M = 512, 512, 64.0, 0.5
 MOMENTUM, WEIGHT_DECAY, LR = 0.9, 5e-4, 0.1
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # The workers run this file as a script.
-  sys.path.insert(0, REPO)
-
-from benchmarks import machine  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _status_bytes(field: str) -> int:
@@ -260,18 +256,11 @@ def worker_torch(num_classes: int, rate: float, dtype: str, steps: int, device: 
 
 
 def _run_worker(args: list[str]) -> dict:
-  proc = subprocess.run(
-      [sys.executable, os.path.abspath(__file__), "--worker", *args],
-      capture_output=True,
-      text=True,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+  """The worker's result, or {"error": why it failed}."""
+  result, error = machine.run_worker(
+      "benchmarks.bench_partial_fc", args, xla_flags=None, platform_name=None
   )
-  if proc.returncode in (-9, 137):
-    return {"error": "killed (out of memory)"}
-  if proc.returncode:
-    tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
-    return {"error": f"failed: {tail[0][:120]}"}
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return {"error": error[:120]} if error else result
 
 
 def main():

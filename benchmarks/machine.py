@@ -33,27 +33,43 @@ def median_seconds(fn, steps: int, warm_up: bool = True) -> float:
   return sorted(times)[len(times) // 2]
 
 
-def run_worker(
-    module: str, args: list[str], xla_flags: str = "", environment: dict[str, str] | None = None
-) -> tuple[object, str | None]:
-  """Runs `python -m MODULE --worker ARGS` on the CPU, with XLA_FLAGS set to xla_flags and the
-  variables of `environment` set.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-  A process per flag set: XLA reads its flags once, when jax starts.
+
+def run_worker(
+    module: str,
+    args: list[str],
+    xla_flags: str | None = "",
+    environment: dict[str, str] | None = None,
+    platform_name: str | None = "cpu",
+) -> tuple[object, str | None]:
+  """Runs `python -m MODULE --worker ARGS` from the repository root, with XLA_FLAGS set to
+  xla_flags (None: this process's), JAX_PLATFORMS to platform_name (None: this process's; a
+  worker that picks its own device, e.g. a GPU) and the variables of `environment` set.
+
+  A process per measurement: XLA reads its flags once, when jax starts, and a process's peak
+  memory is then the measurement's own.
 
   Returns:
-    (the JSON value the worker printed on its last line, None), or (None, the last line of its
-    error output) when it failed.
+    (the JSON value the worker printed on its last line, None), or (None, why it failed: the
+    last line of its error output, or that it was killed).
   """
-  env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  if xla_flags is not None:
+    env["XLA_FLAGS"] = xla_flags
+  if platform_name is not None:
+    env["JAX_PLATFORMS"] = platform_name
   env.update(environment or {})
   done = subprocess.run(
       [sys.executable, "-m", module, "--worker", *args],
       env=env,
+      cwd=REPO,
       capture_output=True,
       text=True,
       check=False,
   )
+  if done.returncode in (-9, 137):
+    return None, "killed by SIGKILL (the kernel's out-of-memory killer, most likely)"
   if done.returncode:
     return None, (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
   return json.loads(done.stdout.strip().splitlines()[-1]), None
