@@ -68,12 +68,10 @@ class Signature:
 
 def serving_fn(model: model_dir.Model):
   """(variables, uint8 images [N, S, S, 3]) -> L2-normalised float32 embeddings [N, D]."""
-  module = model.module
+  apply = model.apply
 
   def serve(variables, images):
-    embeddings = module.apply(
-        variables, pixels.normalize(images.astype(jnp.float32)), train=False
-    )
+    embeddings = apply(variables, pixels.normalize(images.astype(jnp.float32)))
     return classifier.l2_normalize(embeddings)  # A zero embedding stays zero, not NaN.
 
   return serve

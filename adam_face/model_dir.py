@@ -5,7 +5,8 @@
   * a model directory, written by `save` (e.g. by `python -m adam_face.convert`):
       model.json         {"model": create_model's arguments (name, embedding_dim, and any
                          architecture settings), "image_size": the input side in pixels,
-                         "pixel_scale": the s of the (x - 127.5) / s its variables expect,
+                         "pixel_scale": the s of the (x - 127.5) / s its variables were made
+                         for (absent: 128, adam_face's scale before 2026-12-01),
                          "source": where the weights came from}
       variables.msgpack  the backbone's {"params", "batch_stats"} (flax.serialization);
   * or a training workdir (its config.json and its latest checkpoint's backbone, read alone and
@@ -13,7 +14,10 @@
 
 `load` returns a `Model`: the flax module, its variables and the image size, whose `embed_fn` is
 what embedding.compute_embeddings takes. Inputs are normalised images (pixels.normalize of
-aligned uint8 RGB faces); outputs are embeddings before L2 normalisation.
+aligned uint8 RGB faces); outputs are embeddings before L2 normalisation. A model made for
+another input scale (a workdir's config.json and model.json record it) is fed its own: `apply`
+rescales the normalised images, so models written before the scale changed compute what they
+computed then.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import dataclasses
 import functools
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -34,6 +39,9 @@ MODEL_JSON = "model.json"
 VARIABLES = "variables.msgpack"
 # What of a workdir's train state is the backbone (checkpointing.restore_arrays's names).
 BACKBONE_SUBTREES = ("params.backbone", "batch_stats")
+# The input scale of model directories and workdirs that do not record one: adam_face divided by
+# 128 until 2026-12-01.
+LEGACY_PIXEL_SCALE = 128.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,15 +53,24 @@ class Model:
   source: str  # The path it was loaded from, or what it was converted from.
   step: int | None = None  # The checkpoint's step, when loaded from a training workdir.
   train_config: dict[str, Any] | None = None  # That workdir's config.json.
+  pixel_scale: float = pixels.PIXEL_SCALE  # The s of the (x - 127.5) / s it was made for.
+
+  @functools.cached_property
+  def apply(self) -> Callable[[Any, jax.Array], jax.Array]:
+    """(variables, images normalised by pixels.normalize) -> embeddings [N, D], in eval mode; the
+    images rescaled first where the model was made for another scale."""
+    module, factor = self.module, pixels.PIXEL_SCALE / self.pixel_scale
+
+    def apply(variables, images):
+      return module.apply(variables, images * factor if factor != 1 else images, train=False)
+
+    return apply
 
   @functools.cached_property
   def embed_fn(self) -> jax.tree_util.Partial:
-    """Normalised images [N, S, S, 3] -> embeddings [N, D], with the variables as traced
-    arguments; one object per Model, so jitting it compiles once)."""
-    module = self.module
-    return jax.tree_util.Partial(
-        lambda variables, images: module.apply(variables, images, train=False), self.variables
-    )
+    """`apply` with the variables bound as traced arguments: normalised images [N, S, S, 3] ->
+    embeddings [N, D]; one object per Model, so jitting it compiles once."""
+    return jax.tree_util.Partial(self.apply, self.variables)
 
 
 def define_model_flags() -> None:
@@ -131,24 +148,6 @@ def check_same_tree(expected, actual, what: str) -> None:
     )
 
 
-def _check_pixel_scale(pixel_scale: float | None, path: str) -> None:
-  """Refuses variables that expect another input scale than pixels.normalize gives: fed it, they
-  would compute something else, a little off, without a sign."""
-  if pixel_scale == pixels.PIXEL_SCALE:
-    return
-  found = (
-      "no pixel_scale: it was written before 2026-12-01, when its variables were made for "
-      "(x - 127.5) / 128"
-      if pixel_scale is None
-      else f"pixel_scale {pixel_scale}: its variables were made for (x - 127.5) / {pixel_scale}"
-  )
-  raise ValueError(
-      f"{os.path.join(path, MODEL_JSON)} has {found}, but adam_face feeds models "
-      f"(x - 127.5) / {pixels.PIXEL_SCALE}. Write the model directory again with this version "
-      "(python -m adam_face.convert folds a source's input scale into its first convolution)."
-  )
-
-
 def load(path: str, step: int | None = None) -> Model:
   """The model at `path`: a model directory, or a training workdir (at `step`, default latest)."""
   if os.path.exists(os.path.join(path, MODEL_JSON)):
@@ -156,14 +155,20 @@ def load(path: str, step: int | None = None) -> Model:
       raise ValueError(f"{path} is a model directory, which has no steps; drop the step.")
     with open(os.path.join(path, MODEL_JSON)) as f:
       info = json.load(f)
-    _check_pixel_scale(info.get("pixel_scale"), path)
     module = create_module(info["model"])
     with open(os.path.join(path, VARIABLES), "rb") as f:
       variables = flax.serialization.msgpack_restore(f.read())
     check_same_tree(
         _variable_shapes(module, info["image_size"]), variables, os.path.join(path, VARIABLES)
     )
-    return Model(module, variables, info["image_size"], info["model"], info["source"])
+    return Model(
+        module,
+        variables,
+        info["image_size"],
+        info["model"],
+        info["source"],
+        pixel_scale=info.get("pixel_scale", LEGACY_PIXEL_SCALE),
+    )
   if os.path.exists(os.path.join(path, "config.json")):
     from adam_face import checkpointing  # pylint: disable=g-import-not-at-top
 
@@ -184,6 +189,7 @@ def load(path: str, step: int | None = None) -> Model:
         f"{os.path.abspath(path)} step {step}",
         step,
         config,
+        pixel_scale=config.get("pixel_scale", LEGACY_PIXEL_SCALE),
     )
   raise FileNotFoundError(
       f"{path} is neither a model directory (no {MODEL_JSON}; write one with "

@@ -13,8 +13,9 @@ PIXEL_SCALE = 127.5
 def normalize(image):
   """(x - 127.5) / 127.5 of pixels in [0, 255], as arcface_torch takes them.
 
-  insightface's MXNet models took (x - 127.5) / 128 (x 0.0078125, inputs 0.4 % smaller); the
-  converter folds that scale into the first convolution of a graph that says so (convert.py), and
-  model directories record the scale their variables expect (model_dir.py).
+  insightface's MXNet models took (x - 127.5) / 128 (x 0.0078125, inputs 0.4 % smaller), and so
+  did adam_face until 2026-12-01. The converter folds that scale into the first convolution of a
+  graph that says so (convert.py); model directories and training workdirs record the scale their
+  variables were made for, and model_dir.Model.apply feeds each its own.
   """
   return (image - PIXEL_MEAN) / PIXEL_SCALE

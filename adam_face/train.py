@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from adam_face import checkpointing, classifier, config_lib, errors, model_dir, models, report
 from adam_face import train_step as ts
-from adam_face import data_builders, train_input, verification_sets
+from adam_face import data_builders, pixels, train_input, verification_sets
 from adam_face import verification
 from datasets import ijb
 
@@ -169,6 +169,13 @@ def init_backbone_from(state: ts.TrainState, config: ml_collections.ConfigDict) 
         "config.init_from was trained at %dx%d, this run trains at %dx%d.",
         *(2 * [model.image_size]),
         *(2 * [config.dataset.image_size]),
+    )
+  if model.pixel_scale != pixels.PIXEL_SCALE:
+    logging.warning(
+        "config.init_from was made for inputs (x - 127.5) / %s; this run trains it on "
+        "(x - 127.5) / %s (pixels.normalize).",
+        model.pixel_scale,
+        pixels.PIXEL_SCALE,
     )
   current = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
   model_dir.check_same_tree(current, model.variables, f"config.init_from={config.init_from}")
@@ -315,7 +322,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if jax.process_index() == 0:
     # What `python -m adam_face.evaluate --model=<workdir>` needs to rebuild the model.
     with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
+      # With the input scale its checkpoints are made for (model_dir.load reads it).
+      json.dump({**json.loads(config.to_json()), "pixel_scale": pixels.PIXEL_SCALE}, f, indent=2)
   if start_step == 0:
     writer.write_hparams(config_lib.flat_hparams(config))
   progress = periodic_actions.ReportProgress(

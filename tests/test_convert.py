@@ -235,24 +235,30 @@ def test_an_existing_model_is_not_overwritten(tmp_path, capsys):
   assert "already holds a model" in message
 
 
-@pytest.mark.parametrize("pixel_scale", [None, 128.0])
-def test_a_model_directory_for_another_input_scale_is_refused(
-    arcface_torch_weights, tmp_path, pixel_scale
+@pytest.mark.parametrize("recorded", [False, True])
+def test_a_model_made_for_the_old_input_scale_still_computes_its_source(
+    arcface_torch_weights, tmp_path, monkeypatch, recorded
 ):
-  weights, _ = arcface_torch_weights("r18")
+  """Until 2026-12-01 adam_face divided pixels by 128: its converter folded 128 / 127.5 into the
+  first convolution, and model directories recorded no scale. Loaded now, such a model is fed
+  the inputs it was made for and computes arcface_torch's embeddings as it did then."""
+  weights, expected = arcface_torch_weights("r18")
   out = tmp_path / "model"
-  convert.main(
-      ["--from", "arcface_torch", "--arch", "r18", "--weights", str(weights)] + ["--out", str(out)]
-  )
+  with monkeypatch.context() as old:
+    old.setattr(pixels, "PIXEL_SCALE", 128.0)  # The converter of that time.
+    convert.main(
+        ["--from", "arcface_torch", "--arch", "r18", "--weights", str(weights)]
+        + ["--out", str(out)]
+    )
   info = json.loads((out / model_dir.MODEL_JSON).read_text())
-  assert info["pixel_scale"] == pixels.PIXEL_SCALE == 127.5
-  if pixel_scale is None:  # As written before the scale was recorded, for (x - 127.5) / 128.
+  assert info["pixel_scale"] == 128.0
+  if not recorded:
     del info["pixel_scale"]
-  else:
-    info["pixel_scale"] = pixel_scale
-  (out / model_dir.MODEL_JSON).write_text(json.dumps(info))
-  with pytest.raises(ValueError, match=r"\(x - 127.5\) / 128.*Write the model directory again"):
-    model_dir.load(str(out))
+    (out / model_dir.MODEL_JSON).write_text(json.dumps(info))
+  model = model_dir.load(str(out))
+  assert model.pixel_scale == model_dir.LEGACY_PIXEL_SCALE == 128.0
+  images = pixels.normalize(IMAGES.astype(np.float32))  # Today's scale: (x - 127.5) / 127.5.
+  assert_same_embeddings(np.asarray(jax.jit(lambda f, x: f(x))(model.embed_fn, images)), expected)
 
 
 def test_torch_and_onnx_are_imported_only_to_convert(monkeypatch, tmp_path):

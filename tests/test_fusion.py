@@ -13,7 +13,7 @@ import tensorflow as tf
 from PIL import Image
 
 from adam_face import batch_layout, checkpointing, classifier, config_lib, margins, train
-from adam_face import train_input, train_step
+from adam_face import model_dir, pixels, train_input, train_step
 from configs import demo_fusion
 from tiny_config import TINY_DATA, tiny_demo_config
 
@@ -220,7 +220,10 @@ def test_synthetic_and_orl_train_together(orl_dir, tmp_path):
   ema = [float(m["acc_margin_ema"]) for m in state["margin_states"]]
   assert ema[0] != ema[1], "each head keeps its own auto-margin state"
   with open(os.path.join(workdir, "config.json")) as f:
-    assert json.load(f)["extra_datasets"][0]["name"] == "image_folder/orl_s1_s30"
+    written = json.load(f)
+  assert written["extra_datasets"][0]["name"] == "image_folder/orl_s1_s30"
+  assert written["pixel_scale"] == pixels.PIXEL_SCALE  # What model_dir.load feeds its backbone.
+  assert model_dir.load(workdir).pixel_scale == pixels.PIXEL_SCALE
 
 
 def test_fused_step_with_partial_fc_and_running_statistics_per_head(mesh8):
