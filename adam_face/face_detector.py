@@ -83,6 +83,7 @@ from PIL import Image
 
 from adam_face import errors
 from adam_face.models import normalization
+from datasets import images
 
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(__file__), "weights", "mtcnn.npz")
 MIN_FACE_SIZE = 20
@@ -447,7 +448,8 @@ def detect(
   """The faces MTCNN finds in an RGB image (uint8 [H, W, 3], or a PIL image of any mode).
 
   Args:
-    image: the photo.
+    image: the photo; a PIL image is taken as a viewer shows it, its EXIF orientation applied
+      (datasets/images.py: upright), so the boxes and landmarks are in those coordinates.
     variables: load_variables' networks; default: the shipped weights.
     min_face_size: the smallest face side, in pixels, the pyramid looks for.
     thresholds: the face probabilities P-Net, R-Net and O-Net need to keep a box.
@@ -458,7 +460,7 @@ def detect(
   if variables is None:
     variables = default_variables()
   if isinstance(image, Image.Image):
-    image = image.convert("RGB")
+    image = images.upright(image).convert("RGB")
   else:
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:

@@ -334,6 +334,12 @@ def test_a_photo_is_read_upright_as_its_exif_orientation_says(
   )
   n = len(upright)
   np.testing.assert_allclose(written["embeddings"][n:], written["embeddings"][:n], atol=1e-6)
+  # detect() takes a PIL image as shown too: its landmarks are in the upright photo's pixels.
+  found = face_detector.detect(Image.open(tagged[-1]))
+  np.testing.assert_array_equal(
+      found.landmarks, face_detector.detect(Image.open(upright[-1])).landmarks
+  )
+  assert len(found.landmarks) == 1
 
 
 def test_a_photo_without_a_face_is_unusable_and_named(model_path, mesh8, tmp_path):
