@@ -13,7 +13,8 @@ The full W and the full [B, C] logits never exist on one device; the backward pa
 all-gather is a reduce-scatter, which hands every device the gradient of its own embeddings.
 Nor do a shard's [B, C/N] logits where they would be large: each shard runs its softmax over
 chunks of its classes (`_class_sums`, an online log-sum-exp), and the backward pass recomputes a
-chunk's cosines instead of keeping them, so the temporaries are a chunk's (`CHUNK_ELEMENTS`).
+chunk's cosines instead of keeping them, so the temporaries are a chunk's (`CHUNK_ELEMENTS`;
+`CPU_CHUNK_ELEMENTS` on a CPU).
 Each row's target cosine is looked up first (B centres, not the [B, C/N] product), because the
 margin's statistics, which CurricularFace's non-target logits read, come before the logits. The
 backbone is data-parallel over the same one-axis mesh (`MESH_AXIS`), so one mesh serves both.
@@ -301,20 +302,26 @@ def scatter_center_rows(
 # a time, of at most this many elements (16 MB in float32), never for the whole shard; a shard of
 # up to twice that is left whole (see chunk_columns_for).
 CHUNK_ELEMENTS = 1 << 22
+# On a CPU, chunks of half that (8 MB in float32) ran the head faster: at B = 512 and 100k classes
+# on one device, 4,000 classes a chunk took 0.56-0.65 s a step against 0.69-0.76 s for 7,693
+# (`bench_head --chunk_columns`, benchmarks/README.md, "Margin head"); wider chunks were slower.
+CPU_CHUNK_ELEMENTS = 1 << 21
 _MIN_CHUNK_COLUMNS = 128  # Keeps the chunk's matmul wide enough to run at speed.
 
 
-def chunk_columns_for(batch_size: int, num_columns: int) -> int:
+def chunk_columns_for(
+    batch_size: int, num_columns: int, chunk_elements: int = CHUNK_ELEMENTS
+) -> int:
   """Classes per chunk of `_class_sums` for a global batch of `batch_size` rows.
 
   A shard whose [B, columns] cosines hold at most 2 * CHUNK_ELEMENTS is one chunk: several chunks
   cost a second pass of the matmul in the backward pass, worth it only where it saves more.
-  Otherwise as wide as CHUNK_ELEMENTS allows, evened out over the chunks so that the last one
-  re-reads (overlaps) fewer columns than there are chunks.
+  Otherwise as wide as `chunk_elements` allows (CPU_CHUNK_ELEMENTS on a CPU), evened out over the
+  chunks so that the last one re-reads (overlaps) fewer columns than there are chunks.
   """
   if batch_size * num_columns <= 2 * CHUNK_ELEMENTS:
     return num_columns
-  widest = min(num_columns, max(_MIN_CHUNK_COLUMNS, CHUNK_ELEMENTS // batch_size))
+  widest = min(num_columns, max(_MIN_CHUNK_COLUMNS, chunk_elements // batch_size))
   return -(-num_columns // -(-num_columns // widest))
 
 
@@ -540,8 +547,8 @@ def margin_head_loss(
     compute_dtype: dtype of the cosine matmul (accumulation is always float32; the float32 master
       centres are cast as they are, and their inverse norms scale the matmul's float32 result).
     chunk_columns: classes per chunk of the softmax (default: chunk_columns_for the batch, so
-      that no [B, chunk] temporary exceeds CHUNK_ELEMENTS); the result does not depend on it
-      beyond float rounding.
+      that no [B, chunk] temporary exceeds CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS on a CPU); the
+      result does not depend on it beyond float rounding.
 
   Returns:
     (loss, metrics, new_margin_state): metrics hold 'acc', 'acc_margin', the margin's own
@@ -602,7 +609,12 @@ def margin_head_loss(
     )
     # Every shard sees the same global cos_target and feature_norm, so the state stays replicated.
     state = margin.update_statistics(state, cos_target=cos_target_now, feature_norm=feature_norm)
-    chunk = chunk_columns or chunk_columns_for(emb_n.shape[0], rows_local.shape[0])
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    chunk = chunk_columns or chunk_columns_for(
+        emb_n.shape[0],
+        rows_local.shape[0],
+        CPU_CHUNK_ELEMENTS if on_cpu else CHUNK_ELEMENTS,
+    )
     row_max, sum_exp, cos_t, best_logit, best_logit_id, best_cos, best_cos_id = _class_sums(
         (margin, compute_dtype, num_classes),
         chunk,

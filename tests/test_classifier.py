@@ -206,14 +206,16 @@ def test_chunked_partial_fc_equals_one_chunk(mesh8):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_chunk_columns_even_out_and_bound_the_temporaries():
-  limit = classifier.CHUNK_ELEMENTS
-  assert classifier.chunk_columns_for(512, 10_000) == 10_000  # Within 2 x the limit: whole.
+@pytest.mark.parametrize("limit", [classifier.CHUNK_ELEMENTS, classifier.CPU_CHUNK_ELEMENTS])
+def test_chunk_columns_even_out_and_bound_the_temporaries(limit):
+  # Within 2 x CHUNK_ELEMENTS a shard stays whole, whatever the chunks' size.
+  assert classifier.chunk_columns_for(512, 10_000, limit) == 10_000
   for batch, columns in [(512, 25_000), (512, 100_000), (4096, 250_000), (512, 2 * 8192 + 1)]:
-    chunk = classifier.chunk_columns_for(batch, columns)
+    chunk = classifier.chunk_columns_for(batch, columns, limit)
     num_chunks = -(-columns // chunk)
     assert batch * chunk <= limit
     assert num_chunks * chunk - columns < num_chunks, "the last chunk re-reads too much"
+  assert classifier.chunk_columns_for(512, 100_000, classifier.CPU_CHUNK_ELEMENTS) == 4000
 
 
 def test_chunked_head_holds_no_full_logits():
