@@ -7,7 +7,8 @@ Usage: python tests/fault_worker.py WORKDIR SPEC_JSON, where SPEC_JSON holds
   kill_when_committing    (optional) SIGKILL this process at the moment orbax would commit
                           (rename into place) the checkpoint of this step: written, not committed.
   read_only               (optional) do not train: read the latest checkpoint's arrays
-                          (checkpointing.restore_arrays, as evaluate and embed do).
+                          (checkpointing.restore_arrays: the whole state, where evaluate and
+                          embed read its backbone alone).
 Prints one line "RESULT <json>": the step reached, or the step read and its arrays' shapes.
 """
 
