@@ -141,12 +141,17 @@ def _all_agree(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
+def checkpoint_directory(workdir: str) -> str:
+  """Where a workdir's checkpoints are (the orbax step directories)."""
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
 class Checkpoints:
   """Saves and restores the TrainState of one workdir (see the module docstring)."""
 
   def __init__(self, workdir: str, *, keep: int, read_only: bool = False):
     self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, "checkpoints")
+    self.directory = checkpoint_directory(self.workdir)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -387,7 +392,7 @@ def restore_arrays(
   backbone); only they are read from disk and verified, so reading a backbone never loads a
   WebFace42M-sized class-centre matrix and its optimiser state. Default: the whole state.
   """
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  directory = checkpoint_directory(workdir)
   # The state as the tree orbax saved (PyTreeCheckpointHandler reads what StandardSave wrote),
   # so that a part of it can be read alone.
   manager = ocp.CheckpointManager(
@@ -435,13 +440,13 @@ def _subtrees(tree: dict[str, Any], names: Sequence[str], where: str) -> dict[st
   selected: dict[str, Any] = {}
   for name in names:
     node, target = tree, selected
-    *parents, last = name.split(".")
-    for key in parents + [last]:
+    keys = name.split(".")
+    for key in keys:
       if not isinstance(node, dict) or key not in node:
         have = ", ".join(sorted(node)) if isinstance(node, dict) else "no parts"
         raise ValueError(f"{where}: the state has no {name!r} ({key!r} not among: {have}).")
       node = node[key]
-    for key in parents:
+    for key in keys[:-1]:
       target = target.setdefault(key, {})
-    target[last] = node
+    target[keys[-1]] = node
   return selected

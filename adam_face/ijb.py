@@ -40,7 +40,6 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -355,15 +354,9 @@ def _identification(protocol, templates, empty, mesh) -> dict:
         protocol.name,
     )
   else:
-    largest = math.ceil(max(template_metrics.INSIGHTFACE_FARS) * len(probe_subjects))
-    result = template_metrics.search_gallery(
-        probe_features,
-        templates.features[templates.rows(joined)],
-        mated_row,
-        mesh,
-        num_largest_non_mated=largest,
+    insightface = template_metrics.insightface_identification(
+        probe_features, templates.features[templates.rows(joined)], mated_row, mesh
     )
-    insightface = template_metrics.insightface_one_to_n_metrics(result)
     metrics.update({f"insightface/{key}": value for key, value in insightface.items()})
   metrics["num_unscored_probes"] = int((~probe_kept).sum())
   return metrics

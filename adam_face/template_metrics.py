@@ -399,3 +399,19 @@ def insightface_one_to_n_metrics(
     metrics[f"tpr@far={label}"] = float(np.mean(result.mated_score > threshold))
     metrics[f"threshold@far={label}"] = threshold
   return metrics
+
+
+def insightface_identification(
+    probes: np.ndarray,
+    gallery: np.ndarray,
+    mated_row: np.ndarray,
+    mesh: jax.sharding.Mesh,
+    fars: Sequence[float] = INSIGHTFACE_FARS,
+    ranks: Sequence[int] = IDENTIFICATION_RANKS,
+) -> dict:
+  """insightface_one_to_n_metrics of `gallery` (the galleries joined) searched by every probe
+  (search_gallery's arguments), keeping as many non-mated scores as its largest FAR reads."""
+  result = search_gallery(
+      probes, gallery, mated_row, mesh, num_largest_non_mated=math.ceil(max(fars) * len(probes))
+  )
+  return insightface_one_to_n_metrics(result, fars, ranks)
